@@ -1,0 +1,218 @@
+r"""SAGE and Lion as pure functions on lists of tensors (SPEC §2).
+
+For one parameter :math:`\theta` with gradient :math:`g` at step :math:`t`:
+
+.. code-block:: text
+
+    θ   ← θ · (1 − η λ)
+    s_t = mean_{dim 0} |g|          (θ.ndim ≥ 2)      s_t = |g|   (θ.ndim ≤ 1)
+    S_t = β2 S_{t−1} + (1 − β2) s_t,   Ŝ_t = S_t / (1 − β2^t)
+    σ   = rms(Ŝ_t),   γ = rms(s_t)
+    H_t = min(σ / (Ŝ_t + ε), γ / (s_t + ε), 1)           (the damper, broadcast over dim 0)
+    C_t = sign(β1 m_{t−1} + (1 − β1) g)
+    θ   ← θ − η · C_t ⊙ H_t
+    m_t = β2 m_{t−1} + (1 − β2) g
+
+Lion is the same rule with ``damper=False`` (H ≡ 1, no ``col_ema``).
+``code_compat=True`` updates ``m`` before taking the sign, as the authors' released code does.
+
+Sharded parameters (FSDP2 ``Shard(0)``): the only cross-shard quantities are the column sums of
+|g| (matrices) and the two sums of squares behind σ and γ (vectors). They are computed locally,
+handed to ``all_reduce`` in one list, and divided by the *global* sizes from ``global_shapes``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import AllReduceSum, as_compute, chunks_by_numel, group_by_key
+
+__all__ = ["sage", "column_abs_mean"]
+
+
+def column_abs_mean(grad: Tensor) -> Tensor:
+    """``s_t``: the mean of |g| over dim 0 (shape ``grad.shape[1:]``), or |g| itself for ndim ≤ 1."""
+    g = as_compute(grad)
+    return g.abs().mean(0) if g.ndim >= 2 else g.abs()
+
+
+def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float) -> Tensor:
+    """What this process can compute alone, and what must be summed across shards.
+
+    Matrices: the column sums of |g|.  Vectors: the EMA is element-wise, so it is updated here,
+    and the two sums of squares (of Ŝ and of s) behind σ and γ are returned.
+    """
+    g = as_compute(grad)
+    if g.ndim >= 2:
+        return g.abs().sum(0)
+    abs_grad = g.abs()
+    col_ema.lerp_(abs_grad, 1 - beta2)
+    ema_hat = col_ema / (1 - beta2**step)
+    return torch.stack([ema_hat.square().sum(), abs_grad.square().sum()])
+
+
+def _damper(grad: Tensor, col_ema: Tensor, statistic: Tensor, global_shape: Sequence[int], step: float,
+            *, beta2: float, eps: float, instant_damper: bool) -> Tensor:
+    """H_t from the (already all-reduced) statistic; shape ``grad.shape[1:]`` (or ``grad.shape``)."""
+    bias_correction = 1 - beta2**step
+    if grad.ndim >= 2:
+        col_abs_mean = statistic / global_shape[0]
+        col_ema.lerp_(col_abs_mean, 1 - beta2)
+        ema_hat = col_ema / bias_correction
+        # note: for a matrix the d-vector is whole on every rank, so its RMS is local.
+        sigma = ema_hat.square().mean().sqrt()
+        gamma = col_abs_mean.square().mean().sqrt()
+    else:
+        col_abs_mean = as_compute(grad).abs()
+        ema_hat = col_ema / bias_correction
+        numel = max(math.prod(global_shape), 1)
+        sigma = (statistic[0] / numel).sqrt()
+        gamma = (statistic[1] / numel).sqrt()
+    damper = sigma / (ema_hat + eps)
+    if instant_damper:
+        damper = torch.minimum(damper, gamma / (col_abs_mean + eps))
+    return damper.clamp_(max=1.0)
+
+
+def _dampers(grads: list[Tensor], col_emas: list[Tensor], steps: list[float], *, beta2: float, eps: float,
+             instant_damper: bool, all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
+             global_shapes: Optional[Sequence[Sequence[int]]]) -> list[Tensor]:
+    statistics = [_local_statistic(g, s, t, beta2) for g, s, t in zip(grads, col_emas, steps)]
+    if all_reduce is not None and sharded is not None:
+        to_reduce = [x for x, is_sharded in zip(statistics, sharded) if is_sharded]
+        if to_reduce:
+            all_reduce(to_reduce)  # one batched collective for every sharded parameter of the step
+    shapes = global_shapes if global_shapes is not None else [g.shape for g in grads]
+    return [
+        _damper(g, s, x, shape, t, beta2=beta2, eps=eps, instant_damper=instant_damper)
+        for g, s, x, shape, t in zip(grads, col_emas, statistics, shapes, steps)
+    ]
+
+
+def _lerp_state_(state: Tensor, grad: Tensor, weight: float) -> None:
+    """``state ← (1 − w)·state + w·g`` computed in the gradient's compute precision.
+
+    Lower-precision state (bf16 momentum) is widened for the update and rounded to nearest on store.
+    """
+    if state.dtype == grad.dtype:
+        state.lerp_(grad, weight)
+    else:
+        state.copy_(state.to(grad.dtype).lerp_(grad, weight))
+
+
+def _direction(exp_avg: Tensor, grad: Tensor, beta1: float) -> Tensor:
+    """sign(β1·m + (1 − β1)·g), a fresh tensor in the gradient's compute dtype."""
+    return torch.lerp(exp_avg.to(grad.dtype), grad, 1 - beta1).sign_()
+
+
+def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        col_emas: list[Optional[Tensor]], state_steps: list[Tensor], *, lr: float,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, damper: bool,
+                        instant_damper: bool, code_compat: bool, maximize: bool,
+                        all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
+                        global_shapes: Optional[Sequence[Sequence[int]]]) -> None:
+    grads = [as_compute(-g if maximize else g) for g in grads]
+    for step in state_steps:
+        step += 1
+    steps = [float(s) for s in state_steps]
+    dampers: list[Optional[Tensor]] = [None] * len(params)
+    if damper:
+        dampers = list(_dampers(grads, col_emas, steps, beta2=beta2, eps=eps,  # type: ignore[arg-type]
+                                instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
+                                global_shapes=global_shapes))
+    for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
+        _update_one(param, grad, exp_avg, h, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
+                    code_compat=code_compat)
+
+
+def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                  col_emas: list[Optional[Tensor]], state_steps: list[Tensor], *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, damper: bool, instant_damper: bool,
+                  code_compat: bool, maximize: bool, all_reduce: Optional[AllReduceSum],
+                  sharded: Optional[Sequence[bool]], global_shapes: Optional[Sequence[Sequence[int]]],
+                  chunk_numel: Optional[int] = None) -> None:
+    grads = [as_compute(g) for g in grads]
+    if maximize:
+        grads = list(torch._foreach_neg(grads))
+    torch._foreach_add_(state_steps, 1)
+    steps = [float(s) for s in state_steps]
+    dampers: list[Optional[Tensor]] = [None] * len(params)
+    if damper:
+        dampers = list(_dampers(grads, col_emas, steps, beta2=beta2, eps=eps,  # type: ignore[arg-type]
+                                instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
+                                global_shapes=global_shapes))
+    numels = [p.numel() for p in params]
+    # note: the direction is a temporary as large as its chunk; chunks are capped at the largest
+    # parameter so the step never holds more than one largest-parameter-sized buffer of temporaries.
+    budget = chunk_numel if chunk_numel is not None else max(numels, default=0)
+    same_kind = group_by_key(range(len(params)),
+                             lambda i: (params[i].device, params[i].dtype, exp_avgs[i].dtype, grads[i].dtype))
+    for indices in same_kind.values():
+        for chunk in chunks_by_numel(indices, numels, budget):
+            p = [params[i] for i in chunk]
+            g = [grads[i] for i in chunk]
+            m = [exp_avgs[i] for i in chunk]
+            if m[0].dtype != g[0].dtype:  # low-precision state: widened per tensor
+                for i in chunk:
+                    _update_one(params[i], grads[i], exp_avgs[i], dampers[i], lr=lr, weight_decay=weight_decay,
+                                beta1=beta1, beta2=beta2, code_compat=code_compat)
+                continue
+            if weight_decay != 0:
+                torch._foreach_mul_(p, 1 - lr * weight_decay)
+            if code_compat:
+                torch._foreach_lerp_(m, g, 1 - beta2)
+            directions = torch._foreach_lerp(m, g, 1 - beta1)
+            if not code_compat:
+                torch._foreach_lerp_(m, g, 1 - beta2)
+            torch._foreach_sign_(directions)
+            for direction, i in zip(directions, chunk):
+                h = dampers[i]
+                if h is not None:
+                    direction.mul_(h)  # broadcast over dim 0: foreach ops do not broadcast
+            torch._foreach_add_(p, directions, alpha=-lr)
+            del directions
+
+
+def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,
+                weight_decay: float, beta1: float, beta2: float, code_compat: bool) -> None:
+    """The element-wise part of one parameter's step: decay, signed direction times H, momentum."""
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    if code_compat:
+        _lerp_state_(exp_avg, grad, 1 - beta2)
+    direction = _direction(exp_avg, grad, beta1)
+    if not code_compat:
+        _lerp_state_(exp_avg, grad, 1 - beta2)
+    if damper is not None:
+        direction.mul_(damper)
+    param.add_(direction, alpha=-lr)
+
+
+def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_emas: list[Optional[Tensor]],
+         state_steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+         damper: bool = True, instant_damper: bool = True, code_compat: bool = False, maximize: bool = False,
+         foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
+         global_shapes: Optional[Sequence[Sequence[int]]] = None) -> None:
+    r"""Functional SAGE (or Lion with ``damper=False``): updates ``params``, ``exp_avgs``, ``col_emas`` and
+    ``state_steps`` in place. See the module docstring for the equations.
+
+    Args:
+        params, grads, exp_avgs: parallel lists; ``exp_avgs`` may be lower precision than ``params``.
+        col_emas: the O(d) EMA of ``column_abs_mean`` per parameter (ignored when ``damper=False``).
+        state_steps: 0-D float tensors holding the step count; incremented here.
+        lr, beta1, beta2, eps, weight_decay: η, β1, β2, ε, λ.
+        instant_damper: include the γ / (s_t + ε) term of H.
+        code_compat: update m before taking the sign, as the released code does.
+        foreach: batch element-wise work with ``torch._foreach_*`` ops (the for-loop is the reference).
+        all_reduce, sharded, global_shapes: for dim-0-sharded parameters, the collective summing the
+            listed statistics, which parameters are sharded, and their unsharded shapes.
+    """
+    if not params:
+        return
+    impl = _foreach_sage if foreach else _single_tensor_sage
+    impl(params, grads, exp_avgs, col_emas, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+         weight_decay=weight_decay, damper=damper, instant_damper=instant_damper, code_compat=code_compat,
+         maximize=maximize, all_reduce=all_reduce, sharded=sharded, global_shapes=global_shapes)

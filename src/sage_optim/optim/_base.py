@@ -1,0 +1,266 @@
+"""The one Optimizer engine behind SAGE, Lion, SinkGD and SinkSAGE.
+
+Each param group carries ``rule`` (and, for the hybrid, ``role``). The engine validates groups,
+creates state lazily from the rule's spec, guards against non-finite gradients and dispatches to
+the rule's functional step. Classes only choose defaults, so no optimizer copies another's code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import distributed as dist_support
+from ..routing import PartitionReport, PartitionRow
+from ._rules import RULES, Rule, StateSpec
+
+__all__ = ["RuleOptimizer", "StateBytes", "NonFiniteGradientError", "NONFINITE_POLICIES"]
+
+NONFINITE_POLICIES = ("raise", "skip")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float64: "float64"}
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held NaN or Inf and the optimizer's policy is ``nonfinite="raise"``; nothing was updated."""
+
+
+class StateBytes(int):
+    """Bytes of optimizer state: an ``int`` (the total) that also carries ``by_role`` and ``by_rule``."""
+
+    by_role: dict[str, int]
+    by_rule: dict[str, int]
+
+    def __new__(cls, total: int, by_role: dict[str, int], by_rule: dict[str, int]) -> "StateBytes":
+        obj = super().__new__(cls, total)
+        obj.by_role, obj.by_rule = by_role, by_rule
+        return obj
+
+    @property
+    def total(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"StateBytes(total={int(self)}, by_role={self.by_role}, by_rule={self.by_rule})"
+
+
+def state_dtype_name(value: Union[None, str, torch.dtype]) -> Optional[str]:
+    """Normalise ``state_dtype`` to the string kept in param groups (JSON- and DCP-friendly)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
+        return _DTYPE_NAMES[value]
+    raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16, torch.float16 or torch.float64; "
+                     f"got {value!r}")
+
+
+def spec_nbytes(spec: StateSpec) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in spec.values())
+
+
+class RuleOptimizer(Optimizer):
+    """Base class: groups carry ``rule``; ``step`` dispatches each group to its rule.
+
+    Subclasses pass ``rule_defaults``: rule name → hyperparameters that override the rule's own
+    defaults for groups of that rule (the constructor's arguments), and ``allowed_rules``.
+    """
+
+    def __init__(self, params: Any, *, rule_defaults: dict[str, dict[str, Any]], allowed_rules: Iterable[str],
+                 default_rule: Optional[str], foreach: Optional[bool], maximize: bool, nonfinite: str) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+        if not isinstance(maximize, bool):
+            raise TypeError(f"maximize must be True or False, got {maximize!r}")
+        self._rule_defaults = rule_defaults
+        self._allowed_rules = tuple(allowed_rules)
+        self.nonfinite = nonfinite
+        #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
+        self.skipped_steps = 0
+        defaults: dict[str, Any] = {"rule": default_rule, "foreach": foreach, "maximize": maximize}
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of Tensors or dicts (param groups), not a single Tensor; "
+                            "pass model.parameters() or [tensor]")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        rule_name = param_group.get("rule", self.defaults.get("rule"))
+        if rule_name not in RULES:
+            raise ValueError(f"unknown rule {rule_name!r}; rules are {list(RULES)}")
+        if rule_name not in self._allowed_rules:
+            raise ValueError(f"{type(self).__name__} does not run rule {rule_name!r}; allowed: "
+                             f"{list(self._allowed_rules)} (use SinkSAGE to mix rules)")
+        param_group["rule"] = rule_name
+        for key, value in {**RULES[rule_name].defaults, **self._rule_defaults.get(rule_name, {})}.items():
+            param_group.setdefault(key, value)
+        if "state_dtype" in param_group:
+            param_group["state_dtype"] = state_dtype_name(param_group["state_dtype"])
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        rule = RULES[rule_name]
+        for name, param in zip(self._names(group), group["params"]):
+            if param.is_complex() or not param.is_floating_point():
+                raise TypeError(f"{name} has dtype {param.dtype}; {type(self).__name__} supports real floating-point "
+                                "parameters only (view complex ones with torch.view_as_real)")
+            rule.check_param(name, param, group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        rule = group.get("rule")
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; rules are {list(RULES)}")
+        RULES[rule].validate(group)
+
+    def _names(self, group: dict[str, Any]) -> list[str]:
+        names = group.get("param_names")
+        if names is not None and len(names) == len(group["params"]):
+            return list(names)
+        index = self.param_groups.index(group) if group in self.param_groups else len(self.param_groups)
+        return [f"param_groups[{index}].params[{i}] (shape {tuple(p.shape)})" for i, p in enumerate(group["params"])]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("nonfinite", "raise")
+        for group in self.param_groups:
+            rule = RULES.get(group.get("rule", ""))
+            if rule is not None:
+                for key, value in rule.defaults.items():
+                    group.setdefault(key, value)
+
+    # ------------------------------------------------------------------------------ step
+    def _init_state(self, param: Tensor, spec: StateSpec) -> dict[str, Tensor]:
+        state = self.state[param]
+        if len(state) == 0:
+            for key, (shape, dtype) in spec.items():
+                if key == "step":
+                    # note: kept on the CPU as torch.optim does, so reading it never syncs a device.
+                    state[key] = torch.tensor(0.0, dtype=torch.float32)
+                elif shape == tuple(param.shape):
+                    state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                else:
+                    state[key] = torch.zeros(shape, dtype=dtype, device=dist_support.local_device(param))
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """Performs a single optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work: list[tuple[dict[str, Any], Rule, list[Tensor], list[Tensor], list[str]]] = []
+        for group in self.param_groups:
+            self._validate_group(group)  # groups may be edited between steps
+            params, grads, names = [], [], []
+            for name, param in zip(self._names(group), group["params"]):
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise TypeError(f"{name} has a sparse gradient; {type(self).__name__} does not support sparse "
+                                    "gradients (use nn.Embedding(sparse=False))")
+                if grad.is_complex():
+                    raise TypeError(f"{name} has a complex gradient; only real gradients are supported")
+                params.append(param)
+                grads.append(grad)
+                names.append(name)
+            if params:
+                work.append((group, RULES[group["rule"]], params, grads, names))
+        if not self._gradients_finite(work):
+            return loss
+        for group, rule, params, grads, names in work:
+            states = [self._init_state(p, rule.state_spec(p, group)) for p in params]
+            if group.get("foreach") is None:
+                group_view = dict(group, foreach=dist_support.default_foreach(params))
+            else:
+                group_view = group
+            local_params, local_grads, shards = dist_support.prepare(params, grads, names, rule)
+            local_states = [dist_support.local_state(s) for s in states]
+            rule.step(group_view, local_params, local_grads, local_states, shards)
+        return loss
+
+    def _gradients_finite(self, work: list[tuple[dict[str, Any], Rule, list[Tensor], list[Tensor], list[str]]]) -> bool:
+        grads = [g for _, _, _, gs, _ in work for g in gs]
+        if not grads or dist_support.all_finite(grads):
+            return True
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            return False
+        bad = [n for _, _, _, gs, ns in work for g, n in zip(gs, ns) if not dist_support.all_finite([g])]
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN or Inf) in {', '.join(bad) or 'a sharded parameter on another rank'}; "
+            "no parameter was updated. Lower the learning rate, enable gradient clipping, or construct the "
+            "optimizer with nonfinite='skip' to skip such steps")
+
+    # ------------------------------------------------------------------------------ state
+    def state_nbytes(self) -> StateBytes:
+        """Bytes of optimizer state kept between steps (from each rule's state spec, so exact before step 1)."""
+        by_role: dict[str, int] = {}
+        by_rule: dict[str, int] = {}
+        for group in self.param_groups:
+            rule = RULES[group["rule"]]
+            nbytes = sum(spec_nbytes(rule.state_spec(p, group)) for p in group["params"])
+            role = group.get("role") or "-"
+            by_role[role] = by_role.get(role, 0) + nbytes
+            by_rule[rule.name] = by_rule.get(rule.name, 0) + nbytes
+        return StateBytes(sum(by_rule.values()), by_role, by_rule)
+
+    @property
+    def partition(self) -> PartitionReport:
+        """Table of name, shape, role, rule and state bytes of every parameter."""
+        rows = []
+        for group in self.param_groups:
+            rule = RULES[group["rule"]]
+            for name, param in zip(self._names(group), group["params"]):
+                rows.append(PartitionRow(name, tuple(param.shape), group.get("role") or "-", rule.name,
+                                         spec_nbytes(rule.state_spec(param, group))))
+        return PartitionReport(rows)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; refuses a different partition, and keeps state dtypes (torch would cast to the param's)."""
+        saved_groups = state_dict["param_groups"]
+        problems = _partition_differences(saved_groups, self.param_groups)
+        if problems:
+            raise ValueError("cannot load this optimizer state: its partition differs from this optimizer's: "
+                             + "; ".join(problems))
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # note: torch.optim casts floating state to the parameter's dtype on load (pytorch#43706), which
+        # would turn fp32 state of bf16 parameters into bf16. Restore each tensor from the saved value.
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            rule = RULES[group["rule"]]
+            for saved_id, param in zip(saved_group["params"], group["params"]):
+                if saved_id not in saved_state:
+                    continue
+                spec = rule.state_spec(param, group)
+                for key, value in saved_state[saved_id].items():
+                    if key in spec and key != "step" and isinstance(value, Tensor):
+                        self.state[param][key] = value.to(device=dist_support.local_device(param),
+                                                          dtype=spec[key][1], copy=True) \
+                            if not dist_support.is_dtensor(value) else value.to(dtype=spec[key][1])
+
+
+def _partition_differences(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
+    if len(saved) != len(current):
+        return [f"it has {len(saved)} param groups, this optimizer has {len(current)}"]
+    problems = []
+    for i, (old, new) in enumerate(zip(saved, current)):
+        for key in ("role", "rule"):
+            if old.get(key) != new.get(key):
+                problems.append(f"group {i} {key} is {old.get(key)!r} in the checkpoint but {new.get(key)!r} here")
+        if len(old["params"]) != len(new["params"]):
+            problems.append(f"group {i} has {len(old['params'])} parameters in the checkpoint but "
+                            f"{len(new['params'])} here")
+        old_names, new_names = old.get("param_names"), new.get("param_names")
+        if old_names is not None and new_names is not None and list(old_names) != list(new_names):
+            missing = sorted(set(old_names) - set(new_names))[:3]
+            extra = sorted(set(new_names) - set(old_names))[:3]
+            problems.append(f"group {i} ({new.get('role') or new.get('rule')}) parameter names differ "
+                            f"(only in checkpoint: {missing}, only here: {extra})")
+    return problems

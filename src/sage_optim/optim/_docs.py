@@ -1,0 +1,16 @@
+"""Docstring fragments shared by the optimizer classes (written once)."""
+
+COMMON_ARGS = r"""
+        foreach (bool, optional): batch element-wise work with ``torch._foreach_*`` ops and same-shape
+            matrices with batched mat-vecs. ``None`` (default) picks foreach when every parameter is on CUDA,
+            like torch.optim. The for-loop path is the reference; both are tested against it in float64.
+        maximize (bool): maximise the objective instead of minimising it. Default ``False``.
+        nonfinite ("raise" | "skip"): what to do when any gradient holds NaN or Inf. ``"raise"`` (default)
+            raises :class:`~sage_optim.NonFiniteGradientError` naming the parameter and updates nothing;
+            ``"skip"`` skips the whole step and counts it in ``optimizer.skipped_steps``."""
+
+STATE_DTYPE_ARG = r"""
+        state_dtype (torch.dtype | str | None): dtype of the momentum ``exp_avg``. ``None`` (default) keeps
+            float32 for bf16/fp16 parameters and the parameter's dtype otherwise. ``torch.bfloat16`` halves the
+            momentum's memory; it is updated in float32 and rounded to nearest on store. The state dtype
+            survives ``load_state_dict`` (torch would otherwise cast state to the parameter dtype)."""

@@ -1,0 +1,225 @@
+"""The update rules an optimizer group can carry (``group["rule"]``), each defined once.
+
+A rule knows which hyperparameters it reads, how to validate them, what state it keeps per
+parameter (a spec, so memory can be counted before any step) and how to step a group by calling
+the functional layer. The Optimizer classes only validate, create state and dispatch here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..functional._common import AllReduceSum
+
+__all__ = ["Rule", "RULES", "StateSpec", "resolve_state_dtype"]
+
+#: key -> (shape, dtype) of one parameter's state.
+StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+_STEP_SPEC = ((), torch.float32)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_state_dtype(param: Tensor, state_dtype: Optional[str]) -> torch.dtype:
+    """Momentum dtype: the explicit ``state_dtype``, else fp32 for bf16/fp16 params, else the param's dtype."""
+    if state_dtype is not None:
+        return _DTYPES[state_dtype]
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return param.dtype
+
+
+def _vector_dtype(param: Tensor) -> torch.dtype:
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _col_shape(param: Tensor) -> tuple[int, ...]:
+    return tuple(param.shape[1:]) if param.ndim >= 2 else tuple(param.shape)
+
+
+# ---------------------------------------------------------------------------------------- validation
+def _check_nonneg(name: str, value: Any, group: dict[str, Any], fix: str) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar; got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r}){_where(group)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r}{_where(group)}; {fix}")
+
+
+def _where(group: dict[str, Any]) -> str:
+    role = group.get("role")
+    return f" in the {role!r} group" if role else ""
+
+
+def _check_betas(group: dict[str, Any], count: int = 2) -> None:
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{_where(group)}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r}{_where(group)}; "
+                             "each beta must be in [0, 1), e.g. betas=(0.9, 0.99)")
+
+
+def _check_common(group: dict[str, Any]) -> None:
+    _check_nonneg("learning rate lr", group["lr"], group, "use lr >= 0, e.g. lr=2e-3")
+    _check_nonneg("weight_decay", group["weight_decay"], group, "use weight_decay >= 0, e.g. 0.01")
+
+
+def _check_eps(group: dict[str, Any]) -> None:
+    _check_nonneg("epsilon value eps", group["eps"], group, "use eps >= 0, e.g. eps=1e-8")
+
+
+def _check_state_dtype(group: dict[str, Any]) -> None:
+    value = group.get("state_dtype")
+    if value is not None and value not in _DTYPES:
+        raise ValueError(f"state_dtype must be None or one of {list(_DTYPES)}, got {value!r}{_where(group)}")
+
+
+def _validate_lion(group: dict[str, Any]) -> None:
+    _check_common(group)
+    _check_betas(group)
+    _check_state_dtype(group)
+
+
+def _validate_sign_rule(group: dict[str, Any]) -> None:
+    _validate_lion(group)
+    _check_eps(group)
+
+
+def _validate_sinkgd(group: dict[str, Any]) -> None:
+    _check_common(group)
+    _check_eps(group)
+    iters = group["iters"]
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"Invalid iters: {iters!r}{_where(group)}; SinkGD needs an integer iters >= 1 (default 5)")
+    scale = group["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"Invalid scale: {scale!r}{_where(group)}; use a finite scale > 0 (e.g. 10.0)")
+    if group["normalization"] not in F.NORMALIZATIONS:
+        raise ValueError(f"Invalid normalization: {group['normalization']!r}{_where(group)}; "
+                         f"choose one of {list(F.NORMALIZATIONS)}")
+
+
+def _param_check_matrix(name: str, param: Tensor, group: dict[str, Any]) -> None:
+    if param.ndim < 2:
+        raise ValueError(f"SinkGD needs parameters with ndim >= 2, but {name} has shape {tuple(param.shape)}{_where(group)}; "
+                         "route vectors to another rule (e.g. SinkSAGE sends them to SAGE)")
+
+
+def _param_ok(name: str, param: Tensor, group: dict[str, Any]) -> None:
+    del name, param, group
+
+
+# ---------------------------------------------------------------------------------------- specs
+def _sage_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
+    return {"step": _STEP_SPEC,
+            "exp_avg": (tuple(param.shape), resolve_state_dtype(param, group.get("state_dtype"))),
+            "col_ema": (_col_shape(param), _vector_dtype(param))}
+
+
+def _lion_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
+    return {"step": _STEP_SPEC, "exp_avg": (tuple(param.shape), resolve_state_dtype(param, group.get("state_dtype")))}
+
+
+def _adamw_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
+    dtype = resolve_state_dtype(param, group.get("state_dtype"))
+    return {"step": _STEP_SPEC, "exp_avg": (tuple(param.shape), dtype), "exp_avg_sq": (tuple(param.shape), dtype)}
+
+
+def _no_state(param: Tensor, group: dict[str, Any]) -> StateSpec:
+    del param, group
+    return {}
+
+
+# ---------------------------------------------------------------------------------------- steps
+@dataclass
+class ShardInfo:
+    """How a group's parameters are sharded (filled by the Optimizer; all-False when nothing is)."""
+
+    all_reduce: Optional[AllReduceSum] = None
+    sharded: Optional[list[bool]] = None
+    global_shapes: Optional[list[tuple[int, ...]]] = None
+
+
+def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
+               shards: ShardInfo, *, damper: bool) -> None:
+    beta1, beta2 = group["betas"]
+    F.sage(params, grads, [s["exp_avg"] for s in states], [s.get("col_ema") for s in states],
+           [s["step"] for s in states], lr=_float(group["lr"]), beta1=beta1, beta2=beta2,
+           eps=group.get("eps", 0.0), weight_decay=group["weight_decay"], damper=damper,
+           instant_damper=group.get("instant_damper", True), code_compat=group.get("code_compat", False),
+           maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
+           all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes)
+
+
+def _step_sage(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+    _step_sign(group, params, grads, states, shards, damper=True)
+
+
+def _step_lion(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+    _step_sign(group, params, grads, states, shards, damper=False)
+
+
+def _step_sinkgd(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+    del states
+    F.sinkgd(params, grads, lr=_float(group["lr"]), weight_decay=group["weight_decay"], iters=group["iters"],
+             scale=group["scale"], normalization=group["normalization"], eps=group["eps"],
+             maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
+             all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes)
+
+
+def _step_adamw(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+    del shards  # element-wise: sharding needs no communication
+    from torch.optim.adam import adam
+
+    beta1, beta2 = group["betas"]
+    exp_avgs = [s["exp_avg"] for s in states]
+    # note: torch's Adam wants grads in the state's dtype; fp32 state for bf16 params widens them here.
+    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    mixed = any(p.dtype != m.dtype for p, m in zip(params, exp_avgs))
+    adam(params, grads, exp_avgs, [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+         foreach=bool(group.get("foreach")) and not mixed, decoupled_weight_decay=True, amsgrad=False,
+         beta1=beta1, beta2=beta2, lr=_float(group["lr"]), weight_decay=group["weight_decay"], eps=group["eps"],
+         maximize=group.get("maximize", False))
+
+
+def _float(value: Any) -> float:
+    return value.item() if isinstance(value, Tensor) else float(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One update rule: its hyperparameters with defaults, validation, state spec and step."""
+
+    name: str
+    defaults: dict[str, Any]
+    validate: Callable[[dict[str, Any]], None]
+    check_param: Callable[[str, Tensor, dict[str, Any]], None]
+    state_spec: Callable[[Tensor, dict[str, Any]], StateSpec]
+    step: Callable[[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Tensor]], ShardInfo], None]
+    #: True when the rule reduces over dim 0 (so dim-0 sharding needs a collective).
+    reduces_over_rows: bool
+
+
+RULES: dict[str, Rule] = {
+    "sage": Rule("sage", {"lr": 2e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 1e-2,
+                          "instant_damper": True, "code_compat": False, "state_dtype": None},
+                 _validate_sign_rule, _param_ok, _sage_spec, _step_sage, True),
+    "lion": Rule("lion", {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "state_dtype": None},
+                 _validate_lion, _param_ok, _lion_spec, _step_lion, False),
+    "sinkgd": Rule("sinkgd", {"lr": 2e-3, "weight_decay": 1e-2, "iters": 5, "scale": 1.0,
+                              "normalization": "uniform", "eps": 1e-8},
+                   _validate_sinkgd, _param_check_matrix, _no_state, _step_sinkgd, True),
+    "adamw": Rule("adamw", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
+                            "state_dtype": None},
+                  _validate_sign_rule, _param_ok, _adamw_spec, _step_adamw, False),
+}
