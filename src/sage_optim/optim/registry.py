@@ -1,38 +1,108 @@
-"""Name -> optimizer factory, shared by Python users, the CLI and the tests.
+"""Name → optimizer factory for every optimizer and baseline (shared by Python, the CLI and the tests).
 
-(Placeholder during bring-up: only ``adamw`` exists until the core optimizers land.)
+Each entry builds an optimizer for a model with the paper's learning rate unless ``lr`` is given
+(SPEC §5: AdamW 1e-4, Lion 1e-4, SinkGD 2e-4 with scale 100, SAGE 2e-3 with SinkGD scale 10 uniform).
+Baselines that are hybrids are :class:`~sage_optim.SinkSAGE` configurations, not new classes.
+
+Notes on choices the paper leaves open (documented, not silent):
+
+* ``sinkgd-pure`` / ``sinkgd-hybrid`` use the SinkGD paper's "sr" convention with scale 100 (so its
+  dense step is 2e-2 in SR units, SPEC §5). Vectors cannot be Sinkhorn-normalised; in
+  ``sinkgd-pure`` they use AdamW at the same lr.
+* ``lion-hybrid`` keeps SAGE-hybrid's dense part (SinkGD uniform, scale 10, lr 2e-3) and gives the
+  Lion groups ``embed_lr`` (default: Lion's paper lr 1e-4).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["create_optimizer", "available_optimizers", "default_lr"]
+from .hybrid import SinkSAGE
+from .sage import Lion
+
+__all__ = ["create_optimizer", "available_optimizers", "default_lr", "RegistryEntry", "REGISTRY"]
+
+_NON_DENSE = ("embedding", "head", "vector")
 
 
-def _adamw(model: nn.Module, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    factory: Callable[..., torch.optim.Optimizer]
+    default_lr: float
+    description: str
+
+
+def _adamw(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
     kw.setdefault("betas", (0.9, 0.999))
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
 
 
-_REGISTRY: dict[str, tuple[Callable[..., torch.optim.Optimizer], float]] = {
-    "adamw": (_adamw, 1e-4),
-}
+def _lion(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    return Lion(model.named_parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+def _sage_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, **kw)
+
+
+def _sage_pure(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules={"hidden": "sage"}, **kw)
+
+
+def _sinkgd_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    kw.setdefault("sinkgd_scale", 100.0)
+    kw.setdefault("normalization", "sr")
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules={r: "adamw" for r in _NON_DENSE}, **kw)
+
+
+def _sinkgd_pure(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    kw.setdefault("sinkgd_scale", 100.0)
+    kw.setdefault("normalization", "sr")
+    rules = {"embedding": "sinkgd", "head": "sinkgd", "vector": "adamw"}
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
+
+
+def _lion_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: float = 1e-4,
+                 **kw: Any) -> torch.optim.Optimizer:
+    rules = {r: ("lion", {"lr": embed_lr}) for r in _NON_DENSE}
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
+
+
+REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
+    RegistryEntry("adamw", _adamw, 1e-4, "torch.optim.AdamW, betas (0.9, 0.999)"),
+    RegistryEntry("lion", _lion, 1e-4, "Lion on every parameter"),
+    RegistryEntry("sinkgd-pure", _sinkgd_pure, 2e-4, "SinkGD (sr, scale 100) on every matrix; AdamW for vectors"),
+    RegistryEntry("sinkgd-hybrid", _sinkgd_hybrid, 2e-4, "SinkGD (sr, scale 100) hidden + AdamW embedding/head/vectors"),
+    RegistryEntry("lion-hybrid", _lion_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + Lion (embed_lr 1e-4) elsewhere"),
+    RegistryEntry("sage-pure", _sage_pure, 2e-3, "SAGE on every parameter"),
+    RegistryEntry("sage-hybrid", _sage_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + SAGE embedding/head/vectors"),
+]}
 
 
 def available_optimizers() -> list[str]:
-    return list(_REGISTRY)
+    """Registry names, in a stable order."""
+    return list(REGISTRY)
 
 
 def default_lr(name: str) -> float:
-    return _REGISTRY[name][1]
+    return _entry(name).default_lr
 
 
-def create_optimizer(name: str, model: nn.Module, *, lr: float | None = None,
-                     weight_decay: float = 0.01, **overrides: Any) -> torch.optim.Optimizer:
-    if name not in _REGISTRY:
+def _entry(name: str) -> RegistryEntry:
+    if name not in REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {available_optimizers()}")
-    factory, lr0 = _REGISTRY[name]
-    return factory(model, lr=lr0 if lr is None else lr, weight_decay=weight_decay, **overrides)
+    return REGISTRY[name]
+
+
+def create_optimizer(name: str, model: nn.Module, *, lr: Optional[float] = None, weight_decay: float = 0.01,
+                     **overrides: Any) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` for ``model`` (paper lr unless ``lr``; weight decay 0.01 on every parameter).
+
+    ``overrides`` go to the optimizer's constructor (e.g. ``state_dtype="bfloat16"``, ``foreach=True``).
+    """
+    entry = _entry(name)
+    return entry.factory(model, lr=entry.default_lr if lr is None else lr, weight_decay=weight_decay, **overrides)
