@@ -1,0 +1,131 @@
+"""Run outputs: ``metrics.jsonl`` rows, JSON files, the progress display and memory figures."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+__all__ = ["MetricsLog", "Progress", "write_json", "read_metrics", "peak_memory_bytes", "state_nbytes",
+           "perplexity"]
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf where it would overflow."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: a tmp file in the same directory, fsync, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as indented JSON atomically."""
+    _atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of a ``metrics.jsonl``."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl``, flushed at every row.
+
+    On resume from step ``k``, rows logged after ``k`` by the interrupted run are dropped first, so
+    the file reads as if the run had never stopped.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        if resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        elif self.path.exists():
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            _atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Progress:
+    """A tqdm bar (loss, lr, tokens/s, ETA) on a terminal; a plain line every ``every`` steps otherwise."""
+
+    def __init__(self, *, total: int, initial: int, every: int, stream: TextIO | None = None,
+                 interactive: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.every = every
+        self.total = total
+        self.start_step = initial
+        self.start_time = time.perf_counter()
+        if interactive is None:
+            interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = None
+        if interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, *, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            return
+        if step % self.every == 0 or step == self.total:
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.start_time
+            eta = elapsed / done * (self.total - step) if done else 0.0
+            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.3e} tok/s {tokens_per_s:,.0f} "
+                  f"eta {eta:,.0f}s", file=self.stream, flush=True)
+
+    def write(self, message: str) -> None:
+        """A line that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this run: CUDA ``max_memory_allocated``, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state: ``optimizer.state_nbytes()`` when it has one, else the tensors in ``state``."""
+    if hasattr(optimizer, "state_nbytes"):
+        return int(optimizer.state_nbytes())
+    return _tensor_state_nbytes(optimizer)
+
+
+def _tensor_state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    """Sum of ``numel * element_size`` over every tensor held in ``optimizer.state`` (any device, meta too)."""
+    return sum(value.numel() * value.element_size()
+               for per_param in optimizer.state.values() for value in per_param.values()
+               if isinstance(value, torch.Tensor))
