@@ -1,0 +1,156 @@
+"""SinkSAGE on transformers' LlamaForCausalLM: role routing, state layout, partition in the state dict."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sage_optim as so
+from sage_optim import Role
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(vocab: int, tied: bool, hidden: int = 16) -> nn.Module:
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                      tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_roles_follow_the_module_tree_at_any_vocabulary(vocab, tied):
+    model = tiny_llama(vocab, tied)
+    opt = so.SinkSAGE(model)
+    roles = {name: group["role"] for group in opt.param_groups for name in group["param_names"]}
+    rules = {group["role"]: group["rule"] for group in opt.param_groups}
+    assert roles["model.embed_tokens.weight"] == "embedding"
+    if tied:
+        assert "lm_head.weight" not in roles  # one tensor, routed once, as the embedding
+    else:
+        assert roles["lm_head.weight"] == "head"  # an untied head is never sent to SinkGD
+    assert all(roles[n] == "vector" for n in roles if "norm" in n)
+    assert all(roles[n] == "hidden" for n in roles if "proj" in n)
+    assert rules == {"embedding": "sage", **({} if tied else {"head": "sage"}), "vector": "sage", "hidden": "sinkgd"}
+    # every parameter exactly once
+    all_params = [p for group in opt.param_groups for p in group["params"]]
+    assert len(all_params) == len({id(p) for p in all_params}) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_state_bytes_are_momentum_plus_a_vector_and_hidden_matrices_hold_none(tied):
+    model = tiny_llama(1000, tied)
+    opt = so.SinkSAGE(model)
+    x = torch.randint(0, 1000, (2, 8))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if group["rule"] == "sinkgd":
+                assert len(state) == 0
+            else:
+                col = p.shape[1:] if p.ndim >= 2 else p.shape
+                assert state["exp_avg"].shape == p.shape and state["col_ema"].shape == col
+    hidden = 16
+    n_vectors_numel = sum(p.numel() for p in model.parameters() if p.ndim == 1)
+    n_matrices = 2 if not tied else 1
+    expected = (n_matrices * (1000 * hidden * 4 + hidden * 4 + 4)  # m, S, step per embedding/head
+                + n_vectors_numel * 8 + 4 * sum(1 for p in model.parameters() if p.ndim == 1))
+    counted = opt.state_nbytes()
+    assert int(counted) == expected
+    assert counted.by_rule["sinkgd"] == 0 and counted.by_role["hidden"] == 0
+    actual = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    assert actual == expected
+
+
+def test_routing_ignores_names_and_shapes():
+    """A module tree with misleading names: what counts is the module type and the head, not the name."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_proj = nn.Linear(8, 8)        # "embed" in the name, but a hidden matrix
+            self.table = nn.Embedding(60000, 4)      # no "embed" in the name, rows > 50 000
+            self.huge_hidden = nn.Linear(4, 60000, bias=False)
+            self.out = nn.Linear(8, 10)
+
+    net = Net()
+    roles = so.classify(net, head=net.out)
+    assert roles["embed_proj.weight"] is Role.HIDDEN
+    assert roles["table.weight"] is Role.EMBEDDING
+    assert roles["huge_hidden.weight"] is Role.HIDDEN
+    assert roles["out.weight"] is Role.HEAD and roles["out.bias"] is Role.VECTOR
+
+
+def test_rules_make_the_baselines_as_configurations():
+    model = tiny_llama(500, False)
+    adam_hybrid = so.SinkSAGE(model, rules={"embedding": "adamw", "head": "adamw", "vector": "adamw"})
+    assert {g["role"]: g["rule"] for g in adam_hybrid.param_groups} == {
+        "embedding": "adamw", "head": "adamw", "vector": "adamw", "hidden": "sinkgd"}
+    assert {g["role"]: g["betas"] for g in adam_hybrid.param_groups if g["rule"] == "adamw"}["head"] == (0.9, 0.999)
+    lion = so.SinkSAGE(model, rules={"embedding": ("lion", {"lr": 1e-4})})
+    embedding_group = next(g for g in lion.param_groups if g["role"] == "embedding")
+    assert embedding_group["rule"] == "lion" and embedding_group["lr"] == 1e-4
+    x = torch.randint(0, 500, (2, 8))
+    for opt in (adam_hybrid, lion):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("rules, error, match", [
+    ({"embeddings": "sage"}, ValueError, r"unknown role 'embeddings'"),
+    ({"hidden": "adam"}, ValueError, r"unknown rule 'adam'"),
+    ({"vector": "sinkgd"}, ValueError, r"SinkGD needs parameters with ndim >= 2, but model.layers.0.input_layernorm.weight.*vector"),
+    ({"hidden": ("sinkgd",)}, TypeError, r"rules\['hidden'\] must be a rule name"),
+])
+def test_bad_rules_are_refused_with_the_role_named(rules, error, match):
+    with pytest.raises(error, match=match):
+        so.SinkSAGE(tiny_llama(100, False), rules=rules)
+
+
+def test_partition_table_prints_every_parameter_with_role_rule_and_bytes():
+    model = tiny_llama(100, False)
+    text = str(so.SinkSAGE(model).partition)
+    assert text.splitlines()[0].split() == ["name", "shape", "role", "rule", "state", "bytes"]
+    for name, _ in model.named_parameters():
+        assert name in text
+    assert "lm_head.weight" in text and "100×16" in text
+
+
+def test_loading_a_state_dict_from_another_partition_fails_naming_the_difference():
+    model = tiny_llama(100, False)
+    x = torch.randint(0, 100, (2, 8))
+    source = so.SinkSAGE(model, rules={"embedding": "lion"})
+    model(x, labels=x).loss.backward()
+    source.step()
+    with pytest.raises(ValueError, match=r"partition differs.*group 0 rule is 'lion' in the checkpoint but 'sage' here"):
+        so.SinkSAGE(model).load_state_dict(copy.deepcopy(source.state_dict()))
+    other = tiny_llama(100, True)
+    with pytest.raises(ValueError, match=r"partition differs"):
+        so.SinkSAGE(other).load_state_dict(copy.deepcopy(source.state_dict()))
+
+
+def test_explicit_head_and_a_model_without_get_output_embeddings():
+    net = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30))
+    roles = so.classify(net)
+    assert roles["2.weight"] is Role.HIDDEN  # no get_output_embeddings and no head=: just a matrix
+    roles = so.classify(net, head=net[2])
+    assert roles["2.weight"] is Role.HEAD
+    with pytest.raises(ValueError, match="head= is not a parameter of this model"):
+        so.classify(net, head=nn.Linear(8, 30))
+
+
+def test_lr_scheduler_drives_every_group():
+    model = tiny_llama(100, False)
+    opt = so.SinkSAGE(model, rules={"embedding": ("adamw", {"lr": 1e-4})})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert {g["role"]: g["lr"] for g in opt.param_groups} == {"embedding": 5e-5, "head": 1e-3, "vector": 1e-3,
+                                                            "hidden": 1e-3}
+    del sched
