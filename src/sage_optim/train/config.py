@@ -110,7 +110,8 @@ class EvalConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OutputConfig:
-    out_dir: str = "runs/train"
+    out_dir: str | None = None
+    """``None``: ``runs/<preset>/<optimizer>-seed<seed>``."""
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
 

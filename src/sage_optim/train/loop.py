@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
 import sys
 import time
@@ -130,7 +131,7 @@ def _lookup(cfg_dict: dict[str, Any], dotted: str) -> Any:
 def _check_resumable(ckpt: dict[str, Any], cfg: dict[str, Any], corpus_hash: str, path: Path) -> None:
     for key in _MUST_MATCH:
         saved, now = _lookup(ckpt["config"], key), _lookup(cfg, key)
-        if saved != now:
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(now)):  # tuples and lists alike
             raise CheckpointError(f"checkpoint {path} is from another run: {key} is {saved!r} there "
                                   f"but {now!r} now")
     if ckpt.get("corpus_hash") != corpus_hash:
@@ -158,6 +159,8 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
     cfg = validate(copy.deepcopy(cfg))
     if cfg.optimizer not in available_optimizers():
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; available: {', '.join(available_optimizers())}")
+    if cfg.output.out_dir is None:
+        cfg.output.out_dir = f"runs/{cfg.preset}/{cfg.optimizer}-seed{cfg.seed}"
     out = Path(cfg.output.out_dir)
     ckpt_path = latest_checkpoint(out)
     if resume and ckpt_path is None:

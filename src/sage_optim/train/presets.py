@@ -40,7 +40,7 @@ def _paper(name: str, *, hidden: int, layers: int, heads: int, intermediate: int
         train=TrainConfig(steps=50_000, micro_batch_size=64, grad_accum_steps=4, warmup_fraction=0.1,
                           lr_floor_fraction=0.0, grad_clip_norm=1.0, precision="auto", log_every_steps=10),
         eval=EvalConfig(every_steps=1000, batch_size=64, val_batches=16, test_batches=64),
-        output=OutputConfig(out_dir=f"runs/{name}", checkpoint_every_steps=1000, keep_checkpoints=2),
+        output=OutputConfig(checkpoint_every_steps=1000, keep_checkpoints=2),
     )
 
 
@@ -73,7 +73,7 @@ def cpu_tiny() -> RunConfig:
         train=TrainConfig(steps=20, micro_batch_size=4, grad_accum_steps=2, warmup_fraction=0.1,
                           lr_floor_fraction=0.1, grad_clip_norm=1.0, precision="fp32", log_every_steps=5),
         eval=EvalConfig(every_steps=10, batch_size=4, val_batches=2, test_batches=2),
-        output=OutputConfig(out_dir="runs/cpu-tiny", checkpoint_every_steps=10, keep_checkpoints=2),
+        output=OutputConfig(checkpoint_every_steps=10, keep_checkpoints=2),
     )
 
 
@@ -86,7 +86,7 @@ def cpu_demo() -> RunConfig:
         train=TrainConfig(steps=300, micro_batch_size=16, grad_accum_steps=1, warmup_fraction=0.1,
                           lr_floor_fraction=0.1, grad_clip_norm=1.0, precision="fp32", log_every_steps=10),
         eval=EvalConfig(every_steps=50, batch_size=16, val_batches=4, test_batches=8),
-        output=OutputConfig(out_dir="runs/cpu-demo", checkpoint_every_steps=100, keep_checkpoints=2),
+        output=OutputConfig(checkpoint_every_steps=100, keep_checkpoints=2),
     )
 
 
@@ -100,7 +100,7 @@ def cpu_bench() -> RunConfig:
         train=TrainConfig(steps=1500, micro_batch_size=16, grad_accum_steps=1, warmup_fraction=0.1,
                           lr_floor_fraction=0.1, grad_clip_norm=1.0, precision="fp32", log_every_steps=25),
         eval=EvalConfig(every_steps=250, batch_size=16, val_batches=4, test_batches=16),
-        output=OutputConfig(out_dir="runs/cpu-bench", checkpoint_every_steps=250, keep_checkpoints=2),
+        output=OutputConfig(checkpoint_every_steps=250, keep_checkpoints=2),
     )
 
 

@@ -1,0 +1,412 @@
+"""``sage-optim``: train, compare optimizers, count optimizer-state memory, prepare data, benchmark.
+
+    sage-optim train --preset cpu-tiny --optimizer sage-hybrid --steps 20 --out runs/tiny
+    sage-optim compare --preset cpu-demo --optimizers adamw sage-hybrid --seeds 42 88
+    sage-optim memory --model llama-1.3b --json
+    sage-optim data prepare
+
+``train`` and ``compare`` also take typed config overrides ``--section.key=value`` (sections: model,
+data, optim, train, eval, output; see ``sage_optim.train.config``) and, for ``train``, optimizer
+keyword arguments ``--opt.KEY=VALUE``. Errors in what the user typed are one line on stderr and exit
+code 2; a run that fails (bad checkpoint, data, diverged optimizer) exits with 1.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "state_bytes_table"]
+
+PROG = "sage-optim"
+COMPARE_DEFAULT_OPTIMIZERS = ("adamw", "lion", "sinkgd-hybrid", "sage-hybrid")
+
+
+class UsageError(ValueError):
+    """Something the user typed is wrong (exit code 2)."""
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .train.presets import preset_names
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    overrides_help = ("Typed config overrides --section.key=value (model, data, optim, train, eval, output) "
+                      "may follow; they win over --config.")
+
+    p = sub.add_parser("train", help="train one model with one optimizer",
+                       description="Train a Llama model from a preset. " + overrides_help
+                       + " Optimizer keyword arguments: --opt.KEY=VALUE (e.g. --opt.state_dtype=bfloat16).")
+    p.add_argument("--preset", choices=preset_names(), help="base config (default: the config file's, else cpu-demo)")
+    p.add_argument("--optimizer", help="a registry name (see `sage-optim memory --model cpu-tiny`)")
+    p.add_argument("--steps", type=int, help="optimizer steps; the schedule spans them")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the optimizer's paper value)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="output directory (default: runs/<preset>/<optimizer>-seed<seed>)")
+    p.add_argument("--data", help="corpus: default, embedded, full, or a path (.txt, dir, .jsonl(.gz), .bin)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--stop-at", type=int, metavar="K", help="save a checkpoint and exit after step K")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--config", metavar="FILE", help="a .json or .toml config file (applied over the preset)")
+
+    p = sub.add_parser("compare", help="train several optimizers x seeds and tabulate the results",
+                       description="Run every optimizer x seed in its own subdirectory of --out (runs with a "
+                       "summary.json are skipped, stopped ones resumed), then write results.md and "
+                       "val_loss.png. " + overrides_help)
+    p.add_argument("--preset", choices=preset_names(), default="cpu-demo")
+    p.add_argument("--optimizers", nargs="+", default=list(COMPARE_DEFAULT_OPTIMIZERS), metavar="NAME")
+    p.add_argument("--seeds", nargs="+", type=int, default=[42], metavar="SEED")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", help="default: runs/compare-<preset>")
+    p.add_argument("--data")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--config", metavar="FILE")
+
+    p = sub.add_parser("memory", help="optimizer-state bytes of every optimizer for a preset's model",
+                       description="Build the preset's model on the meta device (no memory) and count the "
+                       "state each registry optimizer keeps between steps.")
+    p.add_argument("--model", choices=preset_names(), default="llama-1.3b", help="a preset name")
+    p.add_argument("--vocab", type=int, help="embedding rows (default: the preset's tokenizer size, rounded to 64)")
+    p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
+                   help="tie the output head to the embedding (default: the preset's setting)")
+    p.add_argument("--optimizers", nargs="+", metavar="NAME", help="default: every registry optimizer")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    p = sub.add_parser("data", help="data utilities")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    prep = data_sub.add_parser("prepare", help="fetch the pinned sources and build the full corpus mix")
+    prep.add_argument("--cache-dir", help="default: $SAGE_OPTIM_CACHE or ~/.cache/sage-optim")
+
+    sub.add_parser("bench", help="step-time and memory benchmarks (hook for sage_optim.bench)", add_help=False)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides: --section.key=value and --opt.KEY=VALUE
+
+_OVERRIDE = re.compile(r"^--([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)(?:=(.*))?$", re.S)
+
+
+def _split_overrides(extra: Sequence[str], *, allow_opt: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """Parse leftover argv into config overrides and optimizer kwargs; anything else is an error."""
+    config: dict[str, str] = {}
+    opt_kwargs: dict[str, Any] = {}
+    items = list(extra)
+    while items:
+        token = items.pop(0)
+        match = _OVERRIDE.match(token)
+        if not match or "." not in match.group(1):
+            raise UsageError(f"unrecognized argument {token!r} (config overrides look like --section.key=value)")
+        key, value = match.group(1).replace("-", "_"), match.group(2)
+        if value is None:
+            if not items or items[0].startswith("--"):
+                raise UsageError(f"{token} needs a value: {token}=VALUE")
+            value = items.pop(0)
+        if key.startswith("opt."):
+            if not allow_opt:
+                raise UsageError(f"{token}: optimizer options (--opt.*) are only for `train`")
+            opt_kwargs[key[len("opt."):]] = _literal(value)
+        else:
+            config[key] = value
+    return config, opt_kwargs
+
+
+def _literal(text: str) -> Any:
+    """An optimizer option value: JSON or a Python literal (numbers, true/false, lists, tuples), else a string."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError):
+            pass
+    return text
+
+
+def _build_config(args: argparse.Namespace, overrides: dict[str, str], opt_kwargs: dict[str, Any],
+                  *, optimizer: str | None = None) -> Any:
+    """preset -> config file -> named flags -> --section.key overrides -> --opt.* kwargs."""
+    from .train.config import apply_mapping, apply_overrides, load_config_file
+    from .train.presets import get_preset
+
+    file_data = load_config_file(args.config) if args.config else {}
+    preset = args.preset or file_data.get("preset") or "cpu-demo"
+    if not isinstance(preset, str):
+        raise UsageError(f"config file {args.config}: preset must be a string, got {preset!r}")
+    cfg = get_preset(preset)
+    apply_mapping(cfg, file_data, origin=f"config file {args.config}")
+    cfg.preset = preset
+    named = {
+        "optimizer": optimizer or getattr(args, "optimizer", None), "train.steps": args.steps,
+        "optim.lr": getattr(args, "lr", None), "seed": getattr(args, "seed", None),
+        "output.out_dir": args.out, "data.source": args.data, "train.precision": args.precision,
+        "train.stop_at_step": getattr(args, "stop_at", None),
+    }
+    apply_overrides(cfg, {k: str(v) for k, v in named.items() if v is not None})
+    apply_overrides(cfg, overrides)
+    cfg.optim.kwargs.update(opt_kwargs)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train.loop import train
+
+    overrides, opt_kwargs = _split_overrides(extra, allow_opt=True)
+    cfg = _build_config(args, overrides, opt_kwargs)
+    summary = train(cfg, resume=args.resume)
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from .optim.registry import available_optimizers
+    from .train.checkpoint import latest_checkpoint
+    from .train.loop import train
+
+    missing = [name for name in args.optimizers if name not in available_optimizers()]
+    if missing:
+        raise UsageError(f"not in the optimizer registry: {', '.join(missing)} "
+                         f"(available: {', '.join(available_optimizers())})")
+    overrides, _ = _split_overrides(extra, allow_opt=False)
+    if "output.out_dir" in overrides or "seed" in overrides or "optimizer" in overrides:
+        raise UsageError("compare sets optimizer, seed and output.out_dir itself; use --optimizers, --seeds, --out")
+    out = Path(args.out or f"runs/compare-{args.preset}")
+    runs: dict[str, list[Path]] = {}
+    for name in args.optimizers:
+        for seed in args.seeds:
+            run_dir = out / f"{name}-seed{seed}"
+            runs.setdefault(name, []).append(run_dir)
+            if (run_dir / "summary.json").exists():
+                print(f"compare: {run_dir} is complete, skipping", file=sys.stderr)
+                continue
+            cfg = _build_config(args, overrides, {}, optimizer=name)
+            cfg.seed = seed
+            cfg.output.out_dir = str(run_dir)
+            cfg.train.stop_at_step = None
+            resume = latest_checkpoint(run_dir) is not None
+            print(f"compare: {'resuming' if resume else 'training'} {name} seed {seed} -> {run_dir}",
+                  file=sys.stderr)
+            train(cfg, resume=resume)
+    table = _results_table(runs)
+    (out / "results.md").write_text(table, encoding="utf-8")
+    plot = _plot_val_loss(runs, out / "val_loss.png")
+    print(table, end="")
+    print(f"\nresults: {out / 'results.md'}\nplot: {plot}")
+    return 0
+
+
+def _mean_std(values: list[float]) -> str:
+    if any(math.isinf(v) or math.isnan(v) for v in values):
+        return "diverged" if values else "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def _results_table(runs: dict[str, list[Path]]) -> str:
+    """Markdown: one row per optimizer, ppl mean ± sample std over seeds."""
+    lines = ["| optimizer | lr | val ppl | test ppl | state bytes | tokens/s | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for name, dirs in runs.items():
+        rows = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        lines.append(
+            f"| {name} | {rows[0]['lr']:g} | {_mean_std([r['val_ppl'] for r in rows])} "
+            f"| {_mean_std([r['test_ppl'] for r in rows])} | {_human_bytes(rows[0]['state_bytes'])} "
+            f"| {statistics.fmean(r['tokens_per_s'] for r in rows):,.0f} "
+            f"| {', '.join(str(r['seed']) for r in rows)} |")
+    first = json.loads((next(iter(runs.values()))[0] / "summary.json").read_text())
+    footer = (f"\n{first['preset']}, {first['steps']} steps, {first['tokens']:,} tokens, corpus "
+              f"{first['corpus']['name']} ({first['corpus']['content_hash'][:12]}), {first['device']} "
+              f"{first['precision']}. Perplexities: mean ± sample std over seeds.\n")
+    return "\n".join(lines) + "\n" + footer
+
+
+def _plot_val_loss(runs: dict[str, list[Path]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .train.metrics import read_metrics
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, dirs in runs.items():
+        by_step: dict[int, list[float]] = {}
+        for d in dirs:
+            for row in read_metrics(d / "metrics.jsonl"):
+                if "val_loss" in row:
+                    by_step.setdefault(row["step"], []).append(row["val_loss"])
+        steps = sorted(by_step)
+        ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def state_bytes_table(model: Any, optimizers: Sequence[str]) -> list[dict[str, Any]]:
+    """Optimizer-state bytes of each registry optimizer for ``model`` (meta device or real), total and by role.
+
+    The count is the optimizer's own ``state_nbytes()`` and ``partition`` when it has them (computed
+    from its state spec, exact before the first step); otherwise the optimizer takes one step with
+    meta gradients and the state tensors it creates are summed. Roles come from
+    :func:`sage_optim.routing.classify`. ``tests/test_cli.py`` checks the counts against real
+    optimizers after one real step.
+    """
+    import torch
+
+    from .optim.registry import create_optimizer
+    from .routing import classify
+    from .train.metrics import state_nbytes
+
+    roles = {name: str(role) for name, role in classify(model).items()}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    results = []
+    for name in optimizers:
+        optimizer = create_optimizer(name, model)
+        if hasattr(optimizer, "state_nbytes") and hasattr(optimizer, "partition"):
+            method = "state_nbytes"
+            per_param = {row.name: row.state_bytes for row in optimizer.partition.rows}
+        else:
+            method = "one step on meta tensors"
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            try:
+                optimizer.step()
+            finally:
+                for p in model.parameters():
+                    p.grad = None
+            per_param = {name_of[id(p)]: sum(v.numel() * v.element_size() for v in state.values()
+                                             if isinstance(v, torch.Tensor))
+                         for p, state in optimizer.state.items()}
+        by_role: dict[str, int] = {}
+        for param_name, nbytes in per_param.items():
+            role = roles.get(param_name, "-")
+            by_role[role] = by_role.get(role, 0) + nbytes
+        results.append({"optimizer": name, "state_bytes": int(state_nbytes(optimizer)), "by_role": by_role,
+                        "method": method})
+    return results
+
+
+def _cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
+    from .optim.registry import available_optimizers
+    from .train.model import build_meta_model, count_params, round_vocab
+    from .train.presets import get_preset
+
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+    names = args.optimizers or available_optimizers()
+    missing = [n for n in names if n not in available_optimizers()]
+    if missing:
+        raise UsageError(f"not in the optimizer registry: {', '.join(missing)} "
+                         f"(available: {', '.join(available_optimizers())})")
+    cfg = get_preset(args.model)
+    if args.tied is not None:
+        cfg.model.tie_word_embeddings = args.tied
+    if args.vocab is not None and args.vocab <= 0:
+        raise UsageError(f"--vocab must be positive, got {args.vocab}")
+    vocab = args.vocab or cfg.model.vocab_size or round_vocab(cfg.data.tokenizer_vocab_size)
+    model = build_meta_model(cfg.model, vocab_size=vocab, max_seq_len=cfg.data.seq_len)
+    params = count_params(model)
+    rows = state_bytes_table(model, names)
+    adamw = next((r["state_bytes"] for r in rows if r["optimizer"] == "adamw"), None)
+    for row in rows:
+        row.update(model=args.model, params=params, vocab_size=vocab, tied=cfg.model.tie_word_embeddings,
+                   ratio_to_adamw=row["state_bytes"] / adamw if adamw else None)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{args.model}: {params:,} parameters ({_human_bytes(4 * params)} in fp32), vocab {vocab}, "
+          f"{'tied' if cfg.model.tie_word_embeddings else 'untied'} embeddings; optimizer state between steps:")
+    header = f"{'optimizer':<15} {'state bytes':>16} {'':>9} {'x AdamW':>8}  by role"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ratio = f"{row['ratio_to_adamw']:.3f}" if row["ratio_to_adamw"] is not None else "-"
+        roles = ", ".join(f"{k} {_human_bytes(v)}" for k, v in row["by_role"].items() if v)
+        print(f"{row['optimizer']:<15} {row['state_bytes']:>16,} {_human_bytes(row['state_bytes']):>9} "
+              f"{ratio:>8}  {roles}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train.data import prepare
+
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+    path = prepare(Path(args.cache_dir) if args.cache_dir else None)
+    print(path)
+    return 0
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    # hook: a `sage_optim.bench` module with `main(argv) -> int` takes over this command once it exists
+    if importlib.util.find_spec("sage_optim.bench") is None:
+        _err("bench: not implemented yet: see benchmarks/")
+        return 2
+    return int(importlib.import_module("sage_optim.bench").main(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sage-optim`` console script and ``python -m sage_optim``."""
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError
+    from .train.data import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _cmd_bench(argv[1:])
+    parser = _build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help, or argparse's own usage error (already printed)
+        return int(exc.code or 0)
+    commands = {"train": _cmd_train, "compare": _cmd_compare, "memory": _cmd_memory, "data": _cmd_data}
+    try:
+        return commands[args.command](args, extra)
+    except (UsageError, ConfigError) as exc:
+        _err(str(exc))
+        return 2
+    except (CheckpointError, DataError) as exc:
+        _err(str(exc))
+        return 1
+    except FloatingPointError as exc:  # e.g. NonFiniteGradientError: the run diverged
+        _err(f"training stopped: {' '.join(str(exc).split())}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
