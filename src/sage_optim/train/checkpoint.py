@@ -7,12 +7,15 @@ fsynced, then moved into place with ``os.replace``: a crash leaves either the ol
 checkpoints or the new one, never a half-written file under a checkpoint's name. Older
 checkpoints are pruned only after the new one is in place.
 
-Files are read with ``torch.load(weights_only=True)``: no code runs from a checkpoint.
+Files are read with ``torch.load(weights_only=True)``: no code runs from a checkpoint. A CRC-32 of
+every tensor's bytes is stored with them and checked on load, because torch's zip reader notices a
+truncated file but not flipped bytes inside a tensor.
 """
 from __future__ import annotations
 
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,21 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
+def _tensor_crc32(obj: Any, crc: int = 0) -> int:
+    """CRC-32 over the bytes of every tensor in ``obj``, in a fixed traversal order."""
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        return zlib.crc32(flat.view(torch.uint8).numpy(), crc) if flat.numel() else crc
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=repr):
+            crc = _tensor_crc32(obj[key], zlib.crc32(repr(key).encode(), crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            crc = _tensor_crc32(item, crc)
+    return crc
+
+
 def save_checkpoint(out_dir: str | os.PathLike[str], step: int, payload: dict[str, Any], *,
                     keep_last: int = 2) -> Path:
     """Write ``payload`` (plus format and step) as ``ckpt-<step>.pt`` atomically; keep the newest ``keep_last``."""
@@ -80,7 +98,9 @@ def save_checkpoint(out_dir: str | os.PathLike[str], step: int, payload: dict[st
     tmp = out / f".{final.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(_encode({"format": FORMAT, "step": step, **payload}), f)
+            data = _encode({"format": FORMAT, "step": step, **payload})
+            data["tensor_crc32"] = _tensor_crc32(data)
+            torch.save(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -105,11 +125,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for bad bytes
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = " ".join(str(exc).split()).split(". ")[0][:160] or type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); "
                               "delete it to resume from an earlier one") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sage-optim checkpoint (expected format {FORMAT!r})")
+    if data.pop("tensor_crc32", None) != _tensor_crc32(data):
+        raise CheckpointError(f"checkpoint {path} is corrupt (tensor checksum mismatch); "
+                              "delete it to resume from an earlier one")
     missing = [k for k in ("step", "model", "optimizer", "scheduler", "sampler", "rng", "config") if k not in data]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")

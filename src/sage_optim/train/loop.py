@@ -168,6 +168,10 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
     if not resume and ckpt_path is not None:
         raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run "
                               "or choose another --out")
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path is not None else None  # fail before slow work
+    if ckpt is not None and ckpt["step"] >= cfg.train.steps:
+        raise CheckpointError(f"the run in {out} already reached step {ckpt['step']}; "
+                              f"pass more --steps than that to continue it")
     device = resolve_device(cfg.train.device)
     cfg.train.device = str(device)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)  # type: ignore[assignment]
@@ -199,13 +203,7 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
     val_batches = fixed_batches(corpus.val, seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size,
                                 n_batches=cfg.eval.val_batches, seed=0)
 
-    ckpt = None
-    if resume:
-        assert ckpt_path is not None
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["step"] >= cfg.train.steps:
-            raise CheckpointError(f"the run in {out} already reached step {ckpt['step']}; "
-                                  f"pass more --steps than that to continue it")
+    if ckpt is not None and ckpt_path is not None:
         _check_resumable(ckpt, config_to_dict(cfg), corpus.content_hash, ckpt_path)
         try:
             model.load_state_dict(ckpt["model"])

@@ -118,9 +118,10 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state: ``optimizer.state_nbytes()`` when it has one, else the tensors in ``state``."""
+    """Bytes of optimizer state: ``optimizer.state_nbytes()`` when it has one (it may carry ``by_role``),
+    else the tensors in ``state``."""
     if hasattr(optimizer, "state_nbytes"):
-        return int(optimizer.state_nbytes())
+        return optimizer.state_nbytes()
     return _tensor_state_nbytes(optimizer)
 
 

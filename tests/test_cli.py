@@ -1,0 +1,199 @@
+"""The ``sage-optim`` command line, run in-process through ``sage_optim.cli.main``."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sage_optim.cli import main, state_bytes_table
+from sage_optim.optim.registry import available_optimizers, create_optimizer
+from sage_optim.train.metrics import read_metrics
+from sage_optim.train.model import build_meta_model, build_model
+from sage_optim.train.presets import get_preset
+
+FIXTURE = Path(__file__).parent / "fixtures" / "cc0-slice.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    cache = tmp_path_factory.mktemp("corpus-cache")
+    return ["--data", str(FIXTURE), f"--data.cache_dir={cache}"]
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The error line: the last line on stderr, the only one that is an error, no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("sage-optim: error: "), err
+    assert sum("error" in line.lower() for line in err) == 1 and not any("Traceback" in line for line in err), err
+    return err[-1]
+
+
+def test_train_writes_config_metrics_and_a_finite_summary(tmp_path: Path, data_args: list[str],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "cpu-tiny", "--optimizer", "adamw", "--steps", "20", "--out", str(out),
+               *data_args])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert printed == summary
+    assert math.isfinite(summary["val_loss"]) and math.isfinite(summary["test_ppl"])
+    assert summary["steps"] == 20 and summary["tokens"] == 20 * 4 * 2 * 32 and summary["state_bytes"] > 0
+    assert summary["corpus"]["name"] == "cc0-slice" and len(summary["corpus"]["content_hash"]) == 64
+    config = json.loads((out / "config.json").read_text())
+    assert (config["optimizer"], config["seed"], config["preset"]) == ("adamw", 42, "cpu-tiny")
+    assert config["optim"]["lr"] == 1e-4 and config["model"]["vocab_size"] == 512
+    rows = read_metrics(out / "metrics.jsonl")
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[1])
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 10, 20]
+
+
+def test_sage_hybrid_trains_through_the_cli(tmp_path: Path, data_args: list[str],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "cpu-tiny", "--optimizer", "sage-hybrid", "--steps", "20", "--out", str(out),
+               *data_args])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < math.log(512)
+    assert summary["state_bytes_by_role"]["hidden"] == 0
+    assert "embedding" in capsys.readouterr().err  # the partition table is printed at the start
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sage-hybrid"])
+def test_stop_and_resume_gives_bitwise_the_same_losses(tmp_path: Path, data_args: list[str], optimizer: str) -> None:
+    common = ["train", "--preset", "cpu-tiny", "--optimizer", optimizer, "--steps", "12",
+              "--train.log_every_steps=1", "--eval.every_steps=4", "--output.checkpoint_every_steps=5", *data_args]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--out", str(tmp_path / "parts"), "--stop-at", "6"]) == 0
+    assert not (tmp_path / "parts" / "summary.json").exists()
+    assert main([*common, "--out", str(tmp_path / "parts"), "--resume"]) == 0
+    whole, parts = train_losses(tmp_path / "whole"), train_losses(tmp_path / "parts")
+    assert [s for s, _ in whole] == list(range(1, 13))
+    assert whole == parts  # float equality of every logged loss
+    evals = [[(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / d / "metrics.jsonl") if "val_loss" in r]
+             for d in ("whole", "parts")]
+    assert evals[0] == evals[1] and [s for s, _ in evals[0]] == [0, 4, 8, 12]
+
+
+def test_config_errors_exit_2_with_one_line(tmp_path: Path, data_args: list[str],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["train", "--preset", "cpu-tiny", "--out", str(tmp_path / "x"), *data_args]
+    assert main([*base, "--train.stpes=3"]) == 2
+    assert "unknown config key 'train.stpes'" in one_line_error(capsys)
+    assert main([*base, "--train.steps", "lots"]) == 2
+    assert "--train.steps: expected an integer, got 'lots'" in one_line_error(capsys)
+    assert main([*base, "--optimizer", "adamw", "--opt.betas=0.9"]) == 2
+    assert "optimizer 'adamw' rejected its options" in one_line_error(capsys)
+    assert main([*base, "--optimizer", "no-such-optimizer"]) == 2
+    assert "unknown optimizer 'no-such-optimizer'" in one_line_error(capsys)
+    assert main([*base, "--frobnicate"]) == 2
+    assert "unrecognized argument '--frobnicate'" in one_line_error(capsys)
+    (tmp_path / "cfg.json").write_text(json.dumps({"train": {"steps": True}}))
+    assert main([*base, "--config", str(tmp_path / "cfg.json")]) == 2
+    assert "train.steps: expected an integer, got True" in one_line_error(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_flags_win_over_the_config_file_which_wins_over_the_preset(tmp_path: Path, data_args: list[str]) -> None:
+    (tmp_path / "cfg.toml").write_text('preset = "cpu-tiny"\nseed = 7\n[train]\nsteps = 4\nlog_every_steps = 2\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "cfg.toml"), "--steps", "3", "--out", str(out),
+                 "--opt.betas=[0.8, 0.9]", *data_args]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["preset"], config["seed"], config["train"]["steps"], config["train"]["log_every_steps"]) \
+        == ("cpu-tiny", 7, 3, 2)
+    assert config["optim"]["kwargs"] == {"betas": [0.8, 0.9]}
+
+
+def test_corrupt_checkpoint_is_a_one_line_error_and_is_not_overwritten(
+        tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    common = ["train", "--preset", "cpu-tiny", "--steps", "8", "--out", str(out), *data_args]
+    assert main([*common, "--stop-at", "4"]) == 0
+    (ckpt_file,) = out.glob("ckpt-*.pt")
+    ckpt_file.write_bytes(ckpt_file.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main([*common, "--resume"]) == 1
+    assert "is unreadable (truncated or corrupt" in one_line_error(capsys)
+    assert main(common) == 1  # a fresh run must not write over the directory's checkpoints
+    assert "already holds checkpoints" in one_line_error(capsys)
+    assert len(ckpt_file.read_bytes()) == 1000
+
+
+def test_memory_json_has_one_object_per_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["memory", "--model", "llama-1.3b", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["optimizer"] for r in rows] == available_optimizers()
+    by_name = {r["optimizer"]: r for r in rows}
+    assert all(isinstance(r["state_bytes"], int) and sum(r["by_role"].values()) == r["state_bytes"] for r in rows)
+    assert by_name["adamw"]["params"] == 1_339_082_752
+    # AdamW keeps two fp32 moments per parameter (+ a 4-byte step per tensor)
+    assert 8 * 1_339_082_752 <= by_name["adamw"]["state_bytes"] < 8 * 1_339_082_752 + 4096
+    assert by_name["sage-hybrid"]["state_bytes"] < 0.1 * by_name["adamw"]["state_bytes"]
+    assert main(["memory", "--model", "cpu-tiny"]) == 0
+    assert "sage-hybrid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_state_bytes_equal_a_real_optimizer_after_one_real_step(tied: bool) -> None:
+    cfg = get_preset("cpu-tiny").model
+    cfg.tie_word_embeddings = tied
+    meta = state_bytes_table(build_meta_model(cfg, vocab_size=512, max_seq_len=32), available_optimizers())
+    torch.manual_seed(0)
+    for row in meta:
+        model = build_model(cfg, vocab_size=512, max_seq_len=32)
+        opt = create_optimizer(row["optimizer"], model)
+        model(input_ids=torch.randint(0, 512, (2, 8)), labels=torch.randint(0, 512, (2, 8))).loss.backward()
+        opt.step()
+        real = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+        assert row["state_bytes"] == real, row["optimizer"]
+
+
+def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
+        tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--preset", "cpu-tiny", "--optimizers", "adamw", "sage-hybrid", "--seeds", "1", "2",
+            "--steps", "4", "--out", str(tmp_path), *data_args]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "results.md" in first.out and "val_loss.png" in first.out
+    table = (tmp_path / "results.md").read_text()
+    assert "| adamw | 0.0001 |" in table and "| sage-hybrid | 0.002 |" in table and "±" in table
+    assert (tmp_path / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
+    assert len(mtimes) == 4
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("is complete, skipping") == 4
+    assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
+
+
+def test_compare_refuses_optimizers_missing_from_the_registry(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--optimizers", "adamw", "not-an-optimizer", "--out", str(tmp_path)]) == 2
+    assert "not in the optimizer registry: not-an-optimizer" in one_line_error(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_bench_hook_and_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in (["--help"], ["train", "--help"], ["compare", "--help"], ["memory", "--help"],
+                    ["data", "prepare", "--help"]):
+        assert main(command) == 0
+    capsys.readouterr()
+    assert main(["bench"]) == 2
+    assert "not implemented yet: see benchmarks/" in capsys.readouterr().err
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-m", "sage_optim", "train", "--train.steps=x"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "sage-optim: error: --train.steps: expected an integer, got 'x'"
