@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._common import AllReduceSum, as_compute, chunks_by_numel, group_by_key
 
 __all__ = ["sage", "column_abs_mean"]
@@ -113,7 +114,7 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         beta1: float, beta2: float, eps: float, weight_decay: float, damper: bool,
                         instant_damper: bool, code_compat: bool, maximize: bool,
                         all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
-                        global_shapes: Optional[Sequence[Sequence[int]]]) -> None:
+                        global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False) -> None:
     grads = [as_compute(-g if maximize else g) for g in grads]
     for step in state_steps:
         step += 1
@@ -123,8 +124,9 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         dampers = list(_dampers(grads, col_emas, steps, beta2=beta2, eps=eps,  # type: ignore[arg-type]
                                 instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
                                 global_shapes=global_shapes))
+    update = _compiled.sage_update if compiled else _update_one
     for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
-        _update_one(param, grad, exp_avg, h, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
+        update(param, grad, exp_avg, h, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
                     code_compat=code_compat)
 
 
@@ -195,7 +197,7 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
          state_steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
          damper: bool = True, instant_damper: bool = True, code_compat: bool = False, maximize: bool = False,
          foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
-         global_shapes: Optional[Sequence[Sequence[int]]] = None) -> None:
+         global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False) -> None:
     r"""Functional SAGE (or Lion with ``damper=False``): updates ``params``, ``exp_avgs``, ``col_emas`` and
     ``state_steps`` in place. See the module docstring for the equations.
 
@@ -209,10 +211,17 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
         foreach: batch element-wise work with ``torch._foreach_*`` ops (the for-loop is the reference).
         all_reduce, sharded, global_shapes: for dim-0-sharded parameters, the collective summing the
             listed statistics, which parameters are sharded, and their unsharded shapes.
+        compiled: run the element-wise update as one ``torch.compile`` kernel per tensor (reads θ, g, m
+            once, writes θ, m once; hyperparameters as 0-D tensors, so no recompiles). Overrides ``foreach``.
     """
     if not params:
         return
-    impl = _foreach_sage if foreach else _single_tensor_sage
-    impl(params, grads, exp_avgs, col_emas, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-         weight_decay=weight_decay, damper=damper, instant_damper=instant_damper, code_compat=code_compat,
-         maximize=maximize, all_reduce=all_reduce, sharded=sharded, global_shapes=global_shapes)
+    kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, damper=damper,
+                  instant_damper=instant_damper, code_compat=code_compat, maximize=maximize, all_reduce=all_reduce,
+                  sharded=sharded, global_shapes=global_shapes)
+    if compiled:
+        _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, compiled=True, **kwargs)
+    elif foreach:
+        _foreach_sage(params, grads, exp_avgs, col_emas, state_steps, **kwargs)
+    else:
+        _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, **kwargs)

@@ -29,6 +29,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._common import AllReduceSum, as_compute, chunks_by_numel, group_by_key
 
 __all__ = ["sinkgd", "sinkhorn_scalings", "NORMALIZATIONS"]
@@ -71,15 +72,20 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
 def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
                           iters: int, scale: float, normalization: Normalization, eps: float, maximize: bool,
                           all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
-                          global_shapes: Optional[Sequence[Sequence[int]]]) -> None:
+                          global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False) -> None:
     for i, (param, grad) in enumerate(zip(params, grads)):
         g = _as_matrix(as_compute(grad))
-        work = g * g  # Q; reused below as the buffer for X so the step holds one temporary
+        work = g * g  # Q; its buffer is reused for X, so the step holds one full-size temporary
         reduce = all_reduce if (sharded is not None and sharded[i]) else None
         n_global = global_shapes[i][0] if global_shapes is not None else g.shape[0]
         rows, cols = sinkhorn_scalings(work, iters=iters, eps=eps, normalization=normalization,
                                        global_rows=n_global, all_reduce=reduce)
-        torch.mul(g, rows.unsqueeze(-1), out=work).mul_(cols)
+        if compiled:
+            del work
+            _compiled.sinkgd_update(param, g, rows, cols, lr=lr, weight_decay=weight_decay,
+                                    step_scale=scale * (-1.0 if maximize else 1.0))
+            continue
+        torch.mul(g, rows.unsqueeze(-1), out=work).mul_(cols)  # X written over Q: no second temporary
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         step_size = -lr * scale * (-1.0 if maximize else 1.0)
@@ -119,7 +125,7 @@ def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, wei
 def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int = 5,
            scale: float = 1.0, normalization: Normalization = "uniform", eps: float = 1e-8, maximize: bool = False,
            foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
-           global_shapes: Optional[Sequence[Sequence[int]]] = None) -> None:
+           global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False) -> None:
     r"""Functional SinkGD: ``θ ← θ·(1 − ηλ) − η·scale·Sinkhorn_L(g)`` for each (n, m, …) parameter.
 
     Args:
@@ -128,10 +134,16 @@ def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay
         scale: multiplies the normalised gradient.  normalization: "uniform" (unit row/column norms)
             or "sr" (norms sqrt(m) and sqrt(n), as in the SinkGD paper; = sqrt(n) × uniform).
         eps: added to each norm.  foreach: stack same-shape matrices and use batched mat-vecs.
+        compiled: apply X = diag(r)·G·diag(c) and the update in one ``torch.compile`` kernel per matrix.
         all_reduce, sharded, global_shapes: for dim-0-sharded parameters (see :func:`sage`).
     """
     if not params:
         return
-    impl = _foreach_sinkgd if foreach else _single_tensor_sinkgd
-    impl(params, grads, lr=lr, weight_decay=weight_decay, iters=iters, scale=scale, normalization=normalization,
-         eps=eps, maximize=maximize, all_reduce=all_reduce, sharded=sharded, global_shapes=global_shapes)
+    kwargs = dict(lr=lr, weight_decay=weight_decay, iters=iters, scale=scale, normalization=normalization, eps=eps,
+                  maximize=maximize, all_reduce=all_reduce, sharded=sharded, global_shapes=global_shapes)
+    if compiled:
+        _single_tensor_sinkgd(params, grads, compiled=True, **kwargs)
+    elif foreach:
+        _foreach_sinkgd(params, grads, **kwargs)
+    else:
+        _single_tensor_sinkgd(params, grads, **kwargs)

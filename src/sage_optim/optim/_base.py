@@ -69,19 +69,22 @@ class RuleOptimizer(Optimizer):
     """
 
     def __init__(self, params: Any, *, rule_defaults: dict[str, dict[str, Any]], allowed_rules: Iterable[str],
-                 default_rule: Optional[str], foreach: Optional[bool], maximize: bool, nonfinite: str) -> None:
+                 default_rule: Optional[str], foreach: Optional[bool], maximize: bool, nonfinite: str,
+                 compile: bool = False) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         if not isinstance(maximize, bool):
             raise TypeError(f"maximize must be True or False, got {maximize!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         self._rule_defaults = rule_defaults
         self._allowed_rules = tuple(allowed_rules)
         self.nonfinite = nonfinite
         #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
         self.skipped_steps = 0
-        defaults: dict[str, Any] = {"rule": default_rule, "foreach": foreach, "maximize": maximize}
+        defaults: dict[str, Any] = {"rule": default_rule, "foreach": foreach, "maximize": maximize, "compile": compile}
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (param groups), not a single Tensor; "
                             "pass model.parameters() or [tensor]")

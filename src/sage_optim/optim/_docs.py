@@ -7,7 +7,10 @@ COMMON_ARGS = r"""
         maximize (bool): maximise the objective instead of minimising it. Default ``False``.
         nonfinite ("raise" | "skip"): what to do when any gradient holds NaN or Inf. ``"raise"`` (default)
             raises :class:`~sage_optim.NonFiniteGradientError` naming the parameter and updates nothing;
-            ``"skip"`` skips the whole step and counts it in ``optimizer.skipped_steps``."""
+            ``"skip"`` skips the whole step and counts it in ``optimizer.skipped_steps``.
+        compile (bool): run each tensor's element-wise update as one ``torch.compile`` kernel (no full-size
+            temporaries; hyperparameters enter as 0-D tensors so LR schedules do not recompile). Needs a
+            working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA). Default ``False``."""
 
 STATE_DTYPE_ARG = r"""
         state_dtype (torch.dtype | str | None): dtype of the momentum ``exp_avg``. ``None`` (default) keeps

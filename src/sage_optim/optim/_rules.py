@@ -158,7 +158,8 @@ def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
            eps=group.get("eps", 0.0), weight_decay=group["weight_decay"], damper=damper,
            instant_damper=group.get("instant_damper", True), code_compat=group.get("code_compat", False),
            maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
-           all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes)
+           all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
+           compiled=bool(group.get("compile")))
 
 
 def _step_sage(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
@@ -174,7 +175,8 @@ def _step_sinkgd(group, params, grads, states, shards) -> None:  # type: ignore[
     F.sinkgd(params, grads, lr=_float(group["lr"]), weight_decay=group["weight_decay"], iters=group["iters"],
              scale=group["scale"], normalization=group["normalization"], eps=group["eps"],
              maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
-             all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes)
+             all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
+             compiled=bool(group.get("compile")))
 
 
 def _step_adamw(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]

@@ -62,7 +62,7 @@ class SinkSAGE(RuleOptimizer):
                  head: Union[nn.Module, Tensor, None] = None, rules: Optional[Mapping[str, RuleSpec]] = None,
                  code_compat: bool = False, instant_damper: bool = True, foreach: Optional[bool] = None,
                  maximize: bool = False, state_dtype: Union[torch.dtype, str, None] = None,
-                 nonfinite: str = "raise") -> None:
+                 nonfinite: str = "raise", compile: bool = False) -> None:
         if isinstance(model_or_param_groups, nn.Module):
             groups = partition(model_or_param_groups, rules, head=head).groups
         else:
@@ -83,4 +83,5 @@ class SinkSAGE(RuleOptimizer):
             "adamw": {**shared, "state_dtype": state_dtype},
         }
         super().__init__(groups, rule_defaults=rule_defaults, allowed_rules=tuple(RULES), default_rule=None,
-                         foreach=foreach, maximize=maximize, nonfinite=nonfinite)
+                         foreach=foreach, maximize=maximize, nonfinite=nonfinite,
+                         compile=compile)
