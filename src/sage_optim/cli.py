@@ -207,7 +207,8 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"compare: {'resuming' if resume else 'training'} {name} seed {seed} -> {run_dir}",
                   file=sys.stderr)
             train(cfg, resume=resume)
-    table = _results_table(runs)
+    summaries = {name: [json.loads((d / "summary.json").read_text()) for d in dirs] for name, dirs in runs.items()}
+    table = _results_table(summaries)
     (out / "results.md").write_text(table, encoding="utf-8")
     plot = _plot_val_loss(runs, out / "val_loss.png")
     print(table, end="")
@@ -222,18 +223,17 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def _results_table(runs: dict[str, list[Path]]) -> str:
+def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per optimizer, ppl mean ± sample std over seeds."""
     lines = ["| optimizer | lr | val ppl | test ppl | state bytes | tokens/s | seeds |",
              "|---|---|---|---|---|---|---|"]
-    for name, dirs in runs.items():
-        rows = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    for name, rows in summaries.items():
         lines.append(
             f"| {name} | {rows[0]['lr']:g} | {_mean_std([r['val_ppl'] for r in rows])} "
             f"| {_mean_std([r['test_ppl'] for r in rows])} | {_human_bytes(rows[0]['state_bytes'])} "
             f"| {statistics.fmean(r['tokens_per_s'] for r in rows):,.0f} "
             f"| {', '.join(str(r['seed']) for r in rows)} |")
-    first = json.loads((next(iter(runs.values()))[0] / "summary.json").read_text())
+    first = next(iter(summaries.values()))[0]
     footer = (f"\n{first['preset']}, {first['steps']} steps, {first['tokens']:,} tokens, corpus "
               f"{first['corpus']['name']} ({first['corpus']['content_hash'][:12]}), {first['device']} "
               f"{first['precision']}. Perplexities: mean ± sample std over seeds.\n")

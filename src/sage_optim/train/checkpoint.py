@@ -17,12 +17,12 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
+__all__ = ["CheckpointError", "FORMAT", "atomic_write", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
            "save_checkpoint", "load_checkpoint"]
 
 FORMAT = "sage-optim-checkpoint/1"
@@ -89,23 +89,29 @@ def _tensor_crc32(obj: Any, crc: int = 0) -> int:
     return crc
 
 
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file so that ``path`` holds either its old content or all of the new: a temporary file in
+    the same directory, flushed and fsynced, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(out_dir: str | os.PathLike[str], step: int, payload: dict[str, Any], *,
                     keep_last: int = 2) -> Path:
     """Write ``payload`` (plus format and step) as ``ckpt-<step>.pt`` atomically; keep the newest ``keep_last``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(out, step)
-    tmp = out / f".{final.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            data = _encode({"format": FORMAT, "step": step, **payload})
-            data["tensor_crc32"] = _tensor_crc32(data)
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = _encode({"format": FORMAT, "step": step, **payload})
+    data["tensor_crc32"] = _tensor_crc32(data)
+    atomic_write(final, lambda f: torch.save(data, f))
     # the directory entry itself must reach the disk too, or a crash can lose the rename
     dir_fd = os.open(out, os.O_RDONLY)
     try:

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 
 import torch
 
+from .checkpoint import atomic_write
+
 __all__ = ["MetricsLog", "Progress", "write_json", "read_metrics", "peak_memory_bytes", "state_nbytes",
            "perplexity"]
 
@@ -21,13 +23,7 @@ def perplexity(loss: float) -> float:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically: a tmp file in the same directory, fsync, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
