@@ -19,7 +19,7 @@ from sage_optim.train.config import (
     validate,
 )
 from sage_optim.train.loop import resolve_precision, train
-from sage_optim.train.metrics import MetricsLog, read_metrics, state_nbytes
+from sage_optim.train.metrics import MetricsLog, Progress, read_metrics, state_nbytes
 from sage_optim.train.model import build_meta_model, build_model, count_params, round_vocab
 from sage_optim.train.presets import PRESETS, get_preset
 from sage_optim.train.schedule import WarmupCosine, warmup_cosine_scheduler
@@ -240,6 +240,25 @@ def test_metrics_log_drops_rows_after_the_resume_step(tmp_path: Path) -> None:
     log.log({"step": 3, "loss": 30.0})
     log.close()
     assert [r["loss"] for r in read_metrics(tmp_path / "m.jsonl")] == [1.0, 2.0, 30.0]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() -> None:
+    import io
+
+    plain = io.StringIO()
+    progress = Progress(total=10, initial=0, every=5, stream=plain, interactive=False)
+    for step in range(1, 11):
+        progress.update(step, loss=1.0, lr=1e-3, tokens_per_s=100.0)
+    progress.write("eval line")
+    progress.close()
+    lines = plain.getvalue().splitlines()
+    assert [line.split()[1] for line in lines[:2]] == ["5/10", "10/10"] and lines[2] == "eval line"
+    terminal = io.StringIO()
+    progress = Progress(total=10, initial=0, every=5, stream=terminal, interactive=True)
+    progress.update(5, loss=1.25, lr=1e-3, tokens_per_s=100.0)
+    progress.write("eval line")
+    progress.close()
+    assert "loss=1.2500" in terminal.getvalue() and "eval line" in terminal.getvalue()
 
 
 def test_state_nbytes_counts_tensor_state_of_any_optimizer() -> None:

@@ -172,6 +172,9 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
     if ckpt is not None and ckpt["step"] >= cfg.train.steps:
         raise CheckpointError(f"the run in {out} already reached step {ckpt['step']}; "
                               f"pass more --steps than that to continue it")
+    if ckpt is not None and cfg.train.stop_at_step is not None and cfg.train.stop_at_step <= ckpt["step"]:
+        raise ConfigError(f"train.stop_at_step={cfg.train.stop_at_step} is not after the checkpoint's step "
+                          f"{ckpt['step']}")
     device = resolve_device(cfg.train.device)
     cfg.train.device = str(device)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)  # type: ignore[assignment]
