@@ -49,6 +49,11 @@ def _sage_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any)
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, **kw)
 
 
+def _sage_hybrid_bf16(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    kw.setdefault("state_dtype", torch.bfloat16)
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, **kw)
+
+
 def _sage_pure(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules={"hidden": "sage"}, **kw)
 
@@ -80,6 +85,7 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
     RegistryEntry("lion-hybrid", _lion_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + Lion (embed_lr 1e-4) elsewhere"),
     RegistryEntry("sage-pure", _sage_pure, 2e-3, "SAGE on every parameter"),
     RegistryEntry("sage-hybrid", _sage_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + SAGE embedding/head/vectors"),
+    RegistryEntry("sage-hybrid-bf16", _sage_hybrid_bf16, 2e-3, "sage-hybrid with bf16 momentum (round to nearest)"),
 ]}
 
 
