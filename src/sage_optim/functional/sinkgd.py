@@ -39,7 +39,8 @@ NORMALIZATIONS: tuple[str, ...] = ("uniform", "sr")
 
 
 def _as_matrix(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1)
+    # note: explicit column count, not -1: an empty shard (0 local rows under FSDP2) cannot infer it.
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization: Normalization,
@@ -96,7 +97,9 @@ def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, wei
                     scale: float, normalization: Normalization, eps: float, maximize: bool,
                     all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
                     global_shapes: Optional[Sequence[Sequence[int]]], chunk_numel: Optional[int] = None) -> None:
-    numels = [p.numel() for p in params]
+    # note: chunk by global sizes when sharded: local sizes differ across ranks (uneven shards), and
+    # ranks that chunk differently issue different all-reduces (a collective mismatch).
+    numels = [math.prod(s) for s in global_shapes] if global_shapes is not None else [p.numel() for p in params]
     budget = chunk_numel if chunk_numel is not None else max(numels, default=0)
     step_size = -lr * scale * (-1.0 if maximize else 1.0)
     n_global = [s[0] for s in global_shapes] if global_shapes is not None else [g.shape[0] for g in grads]
