@@ -1,7 +1,11 @@
 """Every collective the optimizers need lives here; update rules never import torch.distributed.
 
-Single-process and DDP parameters are plain tensors: nothing to reduce. FSDP2 / DTensor support
-(``Shard(0)``) plugs in through :func:`prepare`.
+Single-process and DDP parameters are plain tensors: nothing to reduce (DDP has already averaged the
+gradients, so every rank computes the same update). FSDP2 parameters are DTensors sharded on dim 0
+(``Shard(0)``): :func:`prepare` hands the functional layer their local shards, which shards exist,
+their global shapes and one batched all-reduce over the mesh's process group, so the update equals the
+single-process one. Tensor-parallel placements (``Shard(1)``, ``_StridedShard``, ``Partial``) are refused
+for the rules that reduce over dim 0. See ``docs/distributed.md``.
 """
 from __future__ import annotations
 
@@ -11,12 +15,25 @@ import torch
 from torch import Tensor
 
 from ..functional._common import AllReduceSum  # noqa: F401  (re-exported type)
+from ._collectives import (Collective, all_reduce_flag, check_grad_layout, common_key, is_dtensor, layout_of,
+                           make_all_reduce, mesh_groups, record_collectives)
+from .fsdp import apply_fsdp2, init_from_env
+from .verify import StepVerifier, verify_step
 
-__all__ = ["prepare", "local_state", "local_device", "is_dtensor", "all_finite", "default_foreach"]
-
-
-def is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+__all__ = [
+    "prepare",
+    "local_state",
+    "local_device",
+    "is_dtensor",
+    "all_finite",
+    "default_foreach",
+    "verify_step",
+    "StepVerifier",
+    "record_collectives",
+    "Collective",
+    "apply_fsdp2",
+    "init_from_env",
+]
 
 
 def local_device(t: Tensor) -> torch.device:
@@ -24,14 +41,15 @@ def local_device(t: Tensor) -> torch.device:
 
 
 def default_foreach(params: Sequence[Tensor]) -> bool:
-    """torch.optim's rule: batch with foreach ops when every tensor is on a CUDA device."""
-    return bool(params) and all(local_device(p).type == "cuda" for p in params)
+    """torch.optim's rule (batch with foreach ops when every tensor is on a CUDA device), plus: batch
+    whenever a parameter is a DTensor, because the batched paths also batch the collectives (SinkGD:
+    one all-reduce per iteration for a whole same-shape chunk instead of one per matrix)."""
+    if not params:
+        return False
+    return any(is_dtensor(p) for p in params) or all(local_device(p).type == "cuda" for p in params)
 
 
-def all_finite(grads: Sequence[Tensor]) -> bool:
-    """True when no gradient holds NaN or ±Inf (one max-norm reduction per tensor, no full-size temporaries)."""
-    if any(is_dtensor(g) for g in grads):
-        raise NotImplementedError("DTensor (FSDP2) parameters are not supported yet: see issue #7")
+def _local_all_finite(grads: Sequence[Tensor]) -> bool:
     # note: aminmax propagates NaN and keeps ±Inf, reads each gradient once and allocates nothing
     # full-size (an ∞-norm or isfinite() is ~10× slower on CPU).
     extremes = [torch.stack(torch.aminmax(g.reshape(-1))).to(torch.float32) for g in grads if g.numel() > 0]
@@ -40,13 +58,49 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
     return bool(torch.cat([e.cpu() for e in extremes]).isfinite().all())
 
 
+def all_finite(grads: Sequence[Tensor]) -> bool:
+    """True when no gradient holds NaN or ±Inf — on every rank of the gradients' meshes.
+
+    Sharded gradients are checked locally and the verdict is all-reduced (one 4-byte collective per
+    mesh dimension), so all ranks skip or raise together and never diverge.
+    """
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]
+    finite = _local_all_finite(local)
+    groups = mesh_groups(grads)
+    if not groups:
+        return finite
+    device = next(g.to_local().device for g in grads if is_dtensor(g))
+    return all_reduce_flag(finite, groups, device)
+
+
 def prepare(params: list[Tensor], grads: list[Tensor], names: list[str], rule: Any) -> tuple[list[Tensor], list[Tensor], Any]:
-    """Local tensors for the functional layer plus how they are sharded (nothing, for plain tensors)."""
+    """Local tensors for the functional layer plus how they are sharded (nothing, for plain tensors).
+
+    Raises ``ValueError`` naming the parameter for a placement the rule cannot reduce exactly, for a
+    gradient laid out differently from its parameter, and for one group sharded over two process groups.
+    """
     from ..optim._rules import ShardInfo
 
-    if any(is_dtensor(p) for p in params):
-        raise NotImplementedError("DTensor (FSDP2) parameters are not supported yet: see issue #7")
-    return params, grads, ShardInfo()
+    if not any(is_dtensor(p) or is_dtensor(g) for p, g in zip(params, grads)):
+        return params, grads, ShardInfo()
+    rows_reduced = bool(getattr(rule, "reduces_over_rows", True))
+    rule_name = getattr(rule, "name", str(rule))
+    layouts = []
+    for param, grad, name in zip(params, grads, names):
+        check_grad_layout(param, grad, name)
+        layouts.append(layout_of(param, name, rows_reduced=rows_reduced, rule=rule_name) if is_dtensor(param)
+                       else None)
+    local_params = [p.to_local() if is_dtensor(p) else p for p in params]
+    local_grads = [g.to_local() if is_dtensor(g) else g for g in grads]
+    if not rows_reduced:
+        return local_params, local_grads, ShardInfo()  # element-wise: each shard is self-contained
+    shared = common_key(layouts, names)
+    if shared is None:
+        return local_params, local_grads, ShardInfo()  # only replicated DTensors
+    sharded = [layout is not None and layout.sharded for layout in layouts]
+    global_shapes = [tuple(p.shape) for p in params]  # a DTensor's shape is the global one
+    return local_params, local_grads, ShardInfo(all_reduce=make_all_reduce(shared.groups), sharded=sharded,
+                                                global_shapes=global_shapes)
 
 
 def local_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
