@@ -17,7 +17,8 @@ from torch import Tensor
 from ..functional._common import AllReduceSum  # noqa: F401  (re-exported type)
 from ._collectives import (Collective, all_reduce_flag, check_grad_layout, common_key, is_dtensor, layout_of,
                            make_all_reduce, mesh_groups, record_collectives)
-from .fsdp import apply_fsdp2, init_from_env
+from .checkpoint import init_optimizer_state
+from .fsdp import DistEnv, apply_fsdp2, init_from_env
 from .verify import StepVerifier, verify_step
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "Collective",
     "apply_fsdp2",
     "init_from_env",
+    "DistEnv",
+    "init_optimizer_state",
 ]
 
 

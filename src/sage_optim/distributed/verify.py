@@ -44,18 +44,26 @@ class StepVerifier:
         self._handles = []
 
     def _candidates(self) -> list[tuple[dict[str, Any], Tensor, str]]:
-        out = []
+        """Sharded parameters with a gradient, interleaved across groups (so successive checks visit every
+        group, hence every rule, before revisiting one)."""
+        per_group = []
         for group in self.optimizer.param_groups:
-            for name, param in zip(self.optimizer._names(group), group["params"]):  # type: ignore[attr-defined]
-                if param.grad is not None and is_dtensor(param) and any(pl.is_shard() for pl in param.placements):
-                    out.append((group, param, name))
+            names = self.optimizer._names(group)  # type: ignore[attr-defined]
+            found = [(group, p, n) for n, p in zip(names, group["params"])
+                     if p.grad is not None and is_dtensor(p) and any(pl.is_shard() for pl in p.placements)]
+            if found:
+                per_group.append(found)
+        out = []
+        for i in range(max((len(f) for f in per_group), default=0)):
+            out.extend(found[i] for found in per_group if i < len(found))
         return out
 
     def _before_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         from ..optim._rules import RULES, ShardInfo
 
         self.steps += 1
-        if self.steps % self.every or args or kwargs.get("closure") is not None:
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer itself
+        if self.steps % self.every or closure is not None:
             return  # note: with a closure the gradients do not exist yet; nothing to check against
         candidates = self._candidates()
         if not candidates:
