@@ -161,10 +161,17 @@ def _raw_parity(kind: str, shapes: list[tuple[int, ...]], *, foreach: Optional[b
             other = opt.state[q][key]
             other = other.full_tensor() if hasattr(other, "full_tensor") else other
             state_errors[f"{n}.{key}"] = _rel_err(other, value)
-    out = {"param_rel_err": errors, "state_rel_err": state_errors, "collectives": collectives}
+    out = {"param_rel_err": errors, "state_rel_err": state_errors, "collectives": collectives,
+           "planned": _planned(opt, foreach)}
     if verifier is not None:
         out["verified"] = verifier.checked
     return out
+
+
+def _planned(opt: Any, foreach: Optional[bool]) -> list[Any]:
+    from sage_optim.distributed import plan_collectives
+
+    return [[c.op, c.numel, str(c.dtype)] for c in plan_collectives(opt, foreach=foreach)]
 
 
 def _llama(tied: bool, seed: int = 0) -> Any:
@@ -228,6 +235,7 @@ def _llama_parity(*, tied: bool, steps: int = 5, verify: bool = False, **opt_kwa
     errors = {n: _rel_err(_full(p), ref_params[n]) for n, p in model.named_parameters()}
     groups = [{"role": g["role"], "rule": g["rule"], "n": len(g["params"])} for g in opt.param_groups]
     out = {"param_rel_err": errors, "collectives": collectives, "groups": groups,
+           "planned": _planned(opt, opt_kwargs.get("foreach")),
            "moved": max(_rel_err(ref_params[n], p) for n, p in _llama(tied).named_parameters())}
     if verifier is not None:
         out["verified"] = verifier.checked

@@ -74,12 +74,20 @@ def test_sinksage_on_fsdp2_llama_matches_single_process_tied_and_untied(two_rank
 
 
 # ---------------------------------------------------------------------------------------- communication
+def test_plan_collectives_predicts_every_all_reduce_a_step_issues(two_ranks) -> None:
+    runs = {**{f"sage {k}": v for k, v in result(two_ranks, "raw_sage").items()},
+            **{f"sinkgd {k}": v for k, v in result(two_ranks, "raw_sinkgd").items()},
+            **{f"llama {k}": v for k, v in result(two_ranks, "llama_sinksage").items()}}
+    for label, run in runs.items():
+        assert all(step == run["planned"] for step in run["collectives"]), label
+
+
 def test_sage_sends_one_all_reduce_per_group_with_its_column_sums_and_the_vector_statistics(two_ranks) -> None:
     run = result(two_ranks, "raw_sage")["foreach=None"]
     expected_stats = sum(s[1] * (s[2] if len(s) > 2 else 1) for s in MATRIX_SHAPES) + 2 * len(VECTOR_SHAPES)
     for step in run["collectives"]:
-        # the finite-gradient flag, then every parameter's statistics in one flat float32 buffer
-        assert step == [["all_reduce", 1, "torch.float32"], ["all_reduce", expected_stats, "torch.float32"]]
+        # the finite-gradient flag, then every parameter's statistics in one flat buffer
+        assert [c[:2] for c in step] == [["all_reduce", 1], ["all_reduce", expected_stats]]
 
 
 def test_sinkgd_sends_one_all_reduce_per_iteration_per_same_shape_chunk(two_ranks) -> None:
@@ -87,9 +95,8 @@ def test_sinkgd_sends_one_all_reduce_per_iteration_per_same_shape_chunk(two_rank
     # same-shape groups of MATRIX_SHAPES, chunked by global size (budget: the largest, 6·2·2 = 24
     # elements), so the three (3, 3) go as two chunks, 2 + 1; each sends its column statistics
     chunks = [3, 4, 2 * 3, 3, 2 * 2, 2, 7]
-    expected = [["all_reduce", 1, "torch.float32"]] + [["all_reduce", m, "torch.float32"]
-                                                       for m in chunks for _ in range(5)]
-    assert all(step == expected for step in run["collectives"])
+    expected = [["all_reduce", 1]] + [["all_reduce", m] for m in chunks for _ in range(5)]
+    assert all([c[:2] for c in step] == expected for step in run["collectives"])
     per_matrix = result(two_ranks, "raw_sinkgd")["sinkgd-uniform foreach=False"]["collectives"][0]
     assert len(per_matrix) == 1 + 5 * len(MATRIX_SHAPES)  # the for-loop path: one per matrix per iteration
 
@@ -99,8 +106,8 @@ def test_fsdp2_llama_step_reduces_each_sage_group_once(two_ranks) -> None:
     step = run["collectives"][0]
     # the finite flag; then, in group order, embedding and head (d = 32 column sums each) and the five
     # norm gains (2 scalars each) in one call per group; then SinkGD's hidden matrices
-    assert step[:4] == [["all_reduce", 1, "torch.float32"], ["all_reduce", 32, "torch.float32"],
-                        ["all_reduce", 32, "torch.float32"], ["all_reduce", 10, "torch.float32"]]
+    assert [c[:2] for c in step[:4]] == [["all_reduce", 1], ["all_reduce", 32], ["all_reduce", 32],
+                                         ["all_reduce", 10]]
     assert len(step) == 4 + 5 * 12  # 14 hidden matrices in 12 same-shape chunks, 5 iterations each
 
 

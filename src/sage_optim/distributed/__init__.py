@@ -19,6 +19,7 @@ from ._collectives import (Collective, all_reduce_flag, check_grad_layout, commo
                            make_all_reduce, mesh_groups, record_collectives)
 from .checkpoint import init_optimizer_state
 from .fsdp import DistEnv, apply_fsdp2, init_from_env
+from .plan import plan_collectives
 from .verify import StepVerifier, verify_step
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "StepVerifier",
     "record_collectives",
     "Collective",
+    "plan_collectives",
     "apply_fsdp2",
     "init_from_env",
     "DistEnv",
@@ -55,7 +57,8 @@ def default_foreach(params: Sequence[Tensor]) -> bool:
 def _local_all_finite(grads: Sequence[Tensor]) -> bool:
     # note: aminmax propagates NaN and keeps ±Inf, reads each gradient once and allocates nothing
     # full-size (an ∞-norm or isfinite() is ~10× slower on CPU).
-    extremes = [torch.stack(torch.aminmax(g.reshape(-1))).to(torch.float32) for g in grads if g.numel() > 0]
+    # float64 so that finite float64 values beyond float32 range are not called infinite
+    extremes = [torch.stack(torch.aminmax(g.reshape(-1))).to(torch.float64) for g in grads if g.numel() > 0]
     if not extremes:
         return True
     return bool(torch.cat([e.cpu() for e in extremes]).isfinite().all())

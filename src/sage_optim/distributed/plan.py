@@ -1,0 +1,75 @@
+"""What a sharded step communicates, predicted from the param groups (global shapes only).
+
+``plan_collectives(optimizer)`` lists the all-reduces one step of a ``Shard(0)``-sharded optimizer
+issues, in order, with their sizes; the distributed tests check it against the collectives actually
+recorded, and ``docs/distributed.md`` uses it for the Llama-1.3B table (on the meta device).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.optim import Optimizer
+
+from ..functional._common import chunks_by_numel, group_by_key
+from ._collectives import Collective
+
+__all__ = ["plan_collectives"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sage_statistic_dtype(param_dtype: torch.dtype, ndim: int) -> torch.dtype:
+    """The dtype SAGE's functional layer gives this parameter's statistic (asked, not assumed)."""
+    from ..functional.sage import _local_statistic
+
+    grad = torch.zeros((1, 1) if ndim >= 2 else (1,), dtype=param_dtype)
+    col_ema = torch.zeros(1, dtype=torch.float64 if param_dtype == torch.float64 else torch.float32)
+    return _local_statistic(grad, col_ema, 1.0, 0.5).dtype
+
+
+def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None) -> list[Collective]:
+    """The all-reduces one step issues when every parameter is a ``Shard(0)`` DTensor on one 1-D mesh
+    and has a gradient (payload per collective; a ring all-reduce moves about twice that per rank).
+
+    Args:
+        optimizer: a sage-optim optimizer (its groups' ``rule``, ``iters`` and parameters' shapes are read;
+            meta-device parameters are fine).
+        foreach: the path the step takes; default ``True`` (what DTensor parameters get by default).
+            ``False``: SinkGD reduces per matrix instead of per same-shape chunk.
+    """
+    from ..optim._rules import RULES
+
+    plan = [Collective("all_reduce", 1, torch.float32, "mesh")]  # the finite-gradient flag
+    for group in optimizer.param_groups:
+        rule = RULES[group["rule"]]
+        params = list(group["params"])
+        if not params or not rule.reduces_over_rows:
+            continue
+        batched = (group.get("foreach") if group.get("foreach") is not None else True) if foreach is None else foreach
+        if rule.name == "sage":
+            # one flat buffer per compute dtype: column sums (matrices), [Σ Ŝ², Σ s²] (vectors)
+            sizes: dict[torch.dtype, int] = {}
+            for p in params:
+                n = math.prod(p.shape[1:]) if p.ndim >= 2 else 2
+                dtype = _sage_statistic_dtype(p.dtype, p.ndim)
+                sizes[dtype] = sizes.get(dtype, 0) + n
+            plan.extend(Collective("all_reduce", n, dtype, "mesh") for dtype, n in sizes.items())
+        elif rule.name == "sinkgd":
+            iters = int(group["iters"])
+            cols = [math.prod(p.shape[1:]) for p in params]
+            if not batched:
+                for p, m in zip(params, cols):
+                    plan.extend(Collective("all_reduce", m, _compute_dtype(p.dtype), "mesh") for _ in range(iters))
+                continue
+            numels = [p.numel() for p in params]
+            budget = max(numels, default=0)
+            kinds = group_by_key(range(len(params)), lambda i: (params[i].shape[0], cols[i], params[i].dtype))
+            for indices in kinds.values():
+                for chunk in chunks_by_numel(indices, numels, budget):
+                    m, dtype = cols[chunk[0]], _compute_dtype(params[chunk[0]].dtype)
+                    plan.extend(Collective("all_reduce", len(chunk) * m, dtype, "mesh") for _ in range(iters))
+    return plan
