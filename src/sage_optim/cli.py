@@ -287,7 +287,7 @@ def state_bytes_table(model: Any, optimizers: Sequence[str]) -> list[dict[str, A
 
     from .optim.registry import create_optimizer
     from .routing import classify
-    from .train.metrics import state_nbytes
+    from .train.metrics import state_nbytes, tensor_nbytes
 
     roles = {name: str(role) for name, role in classify(model).items()}
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -306,9 +306,7 @@ def state_bytes_table(model: Any, optimizers: Sequence[str]) -> list[dict[str, A
             finally:
                 for p in model.parameters():
                     p.grad = None
-            per_param = {name_of[id(p)]: sum(v.numel() * v.element_size() for v in state.values()
-                                             if isinstance(v, torch.Tensor))
-                         for p, state in optimizer.state.items()}
+            per_param = {name_of[id(p)]: tensor_nbytes(state) for p, state in optimizer.state.items()}
         by_role: dict[str, int] = {}
         for param_name, nbytes in per_param.items():
             role = roles.get(param_name, "-")

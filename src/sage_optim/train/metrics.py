@@ -14,7 +14,7 @@ import torch
 from .checkpoint import atomic_write
 
 __all__ = ["MetricsLog", "Progress", "write_json", "read_metrics", "peak_memory_bytes", "state_nbytes",
-           "perplexity"]
+           "perplexity", "tensor_nbytes"]
 
 
 def perplexity(loss: float) -> float:
@@ -123,6 +123,9 @@ def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _tensor_state_nbytes(optimizer: torch.optim.Optimizer) -> int:
     """Sum of ``numel * element_size`` over every tensor held in ``optimizer.state`` (any device, meta too)."""
-    return sum(value.numel() * value.element_size()
-               for per_param in optimizer.state.values() for value in per_param.values()
-               if isinstance(value, torch.Tensor))
+    return sum(tensor_nbytes(per_param) for per_param in optimizer.state.values())
+
+
+def tensor_nbytes(state: dict[str, Any]) -> int:
+    """Bytes of the tensors in one parameter's optimizer state."""
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
