@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> float:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq_len,
                          tie_word_embeddings=False, use_cache=False)
     model = LlamaForCausalLM(config).to(env.device)
-    if env.world_size > 1:
+    if env.backend is not None:  # under torchrun (even with one rank): shard
         mp_policy = None
         if args.bf16:
             from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> float:
     optimizer = SinkSAGE(model, lr=args.lr, weight_decay=0.01)
     if env.is_main:
         print(optimizer.partition)
-    verifier = verify_step(optimizer, every=args.verify_every) if args.verify_every and env.world_size > 1 else None
+    verifier = verify_step(optimizer, every=args.verify_every) if args.verify_every else None
 
     loss_value = math.nan
     for step in range(1, args.steps + 1):
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.detach().float()
-        if env.world_size > 1:
+        if env.backend is not None:
             dist.all_reduce(loss_value)
             loss_value /= env.world_size
         loss_value = float(loss_value)

@@ -97,11 +97,12 @@ class StepVerifier:
         after = param.full_tensor()
         self.checks += 1
         self.checked.append(name)
-        err = (after.double() - reference.double()).abs()
-        update = (reference.double() - before.double()).abs().max() if before.numel() else torch.tensor(0.0)
+        dtype = torch.promote_types(before.dtype, torch.float32)  # fp32 unless the parameter is fp64
+        err = (after.to(dtype) - reference.to(dtype)).abs_()
+        update = (reference.to(dtype) - before.to(dtype)).abs_().max() if before.numel() else torch.tensor(0.0)
         # Allowed: rtol of the largest update (reduction order differs across shards) plus two rounding
         # steps of the parameter's own dtype (low-precision parameters round the same update differently).
-        allowed = self.rtol * update + 2 * torch.finfo(before.dtype).eps * before.double().abs()
+        allowed = before.to(dtype).abs().mul_(2 * torch.finfo(before.dtype).eps).add_(self.rtol * update)
         if bool((err > allowed).any()):
             worst = int(torch.argmax(err - allowed))
             raise RuntimeError(
