@@ -208,14 +208,21 @@ def _full(t: Any) -> Any:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _llama_parity(*, tied: bool, steps: int = 5, verify: bool = False, **opt_kwargs: Any) -> dict[str, Any]:
-    """Tiny LlamaForCausalLM under FSDP2 (fully_shard per layer + root) against the same model unsharded."""
+def _llama_parity(*, tied: bool, steps: int = 5, verify: bool = False, hsdp: bool = False,
+                  **opt_kwargs: Any) -> dict[str, Any]:
+    """Tiny LlamaForCausalLM under FSDP2 (fully_shard per layer + root) against the same model unsharded;
+    ``hsdp``: on a 2 × (w/2) mesh, replicated across the first dimension and sharded along the second."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     from sage_optim import SinkSAGE
     from sage_optim.distributed import apply_fsdp2, record_collectives, verify_step
 
     reference = _llama(tied)
     model = copy.deepcopy(reference)
-    apply_fsdp2(model, mesh=_mesh())
+    mesh = (init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
+            if hsdp else _mesh())
+    apply_fsdp2(model, mesh=mesh)
     opt_kwargs.setdefault("lr", 3e-3)
     ref_opt = SinkSAGE(reference, **opt_kwargs)
     opt = SinkSAGE(model, **opt_kwargs)
@@ -272,6 +279,11 @@ def llama_sinksage(args: dict[str, Any]) -> Any:
     return {"tied": _llama_parity(tied=True), "untied": _llama_parity(tied=False),
             # sr is sqrt(rows) × uniform: a 10× smaller lr keeps the steps comparable
             "sr for-loop": _llama_parity(tied=False, lr=3e-4, normalization="sr", foreach=False)}
+
+
+@scenario
+def llama_hsdp(args: dict[str, Any]) -> Any:
+    return {"untied": _llama_parity(tied=False, hsdp=True)}
 
 
 @scenario

@@ -286,9 +286,10 @@ def test_fsdp2_torchrun_example_trains_on_two_cpu_ranks(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- world size 4
 @pytest.mark.slow
-def test_four_ranks_match_single_process_including_2d_meshes(tmp_path: Path) -> None:
-    results = launch(4, ["raw_sage", "raw_sinkgd", "llama_sinksage", "mesh_2d"], tmp_path, timeout=420)
-    for scenario in ("raw_sage", "raw_sinkgd", "llama_sinksage", "mesh_2d"):
+def test_four_ranks_match_single_process_including_2d_meshes_and_hsdp(tmp_path: Path) -> None:
+    scenarios = ["raw_sage", "raw_sinkgd", "llama_sinksage", "mesh_2d", "llama_hsdp"]
+    results = launch(4, scenarios, tmp_path, timeout=420)
+    for scenario in scenarios:
         for label, run in result(results, scenario).items():
             assert_parity(run, f"4 ranks {scenario} {label}")
         assert_ranks_agree(results, scenario)

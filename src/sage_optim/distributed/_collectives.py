@@ -111,11 +111,14 @@ def layout_of(t: Tensor, name: str, *, rows_reduced: bool, rule: str) -> ShardLa
             continue
         if plain_shard and not rows_reduced:
             continue  # element-wise rule: the local block is all it needs
-        what = "is only correct for" if rows_reduced else "needs"
+        if not rows_reduced:
+            raise ValueError(f"{name} has placements {tuple(t.placements)}; rule {rule!r} needs Replicate or Shard "
+                             f"placements, and {placement} is not one (a Partial tensor is an unreduced sum: "
+                             "redistribute it to Replicate or Shard first)")
         raise ValueError(
-            f"{name} has placements {tuple(t.placements)} on mesh {tuple(mesh.shape)}; rule {rule!r} {what} "
-            f"Replicate or Shard(0) placements (FSDP2's dim-0 sharding). Tensor-parallel layouts such as "
-            f"{placement} would make the reductions over dim 0 silently wrong, so they are refused: shard this "
+            f"{name} has placements {tuple(t.placements)} on mesh {tuple(mesh.shape)}; rule {rule!r} is only "
+            f"correct for Replicate or Shard(0) placements (FSDP2's dim-0 sharding). Tensor-parallel layouts such "
+            f"as {placement} would make the reductions over dim 0 silently wrong, so they are refused: shard this "
             "parameter with fully_shard only, or route it to an element-wise rule (lion, adamw)")
     return ShardLayout(tuple(groups), tuple(key))
 
