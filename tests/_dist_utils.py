@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import faulthandler
 import json
-import math
 import os
 import subprocess
 import sys
@@ -71,8 +70,6 @@ def result(results: list[dict[str, Any]], scenario: str, rank: int = 0) -> dict[
 
 # ---------------------------------------------------------------------------------------- helpers (worker side)
 def _rel_err(actual: Any, expected: Any) -> float:
-    import torch
-
     a, b = actual.detach().double(), expected.detach().double()
     scale = b.abs().max().item() if b.numel() else 0.0
     return float((a - b).abs().max().item() / max(scale, 1e-30)) if b.numel() else 0.0
@@ -429,7 +426,6 @@ def nonfinite_agree(args: dict[str, Any]) -> Any:
 @scenario
 def ddp_plain(args: dict[str, Any]) -> Any:
     """DDP: plain tensors, gradients averaged by DDP; the optimizer issues no collective of its own."""
-    import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from sage_optim import SinkSAGE

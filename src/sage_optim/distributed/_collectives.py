@@ -14,6 +14,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..functional._common import AllReduceSum
+
 __all__ = ["Collective", "record_collectives", "ShardLayout", "layout_of", "make_all_reduce", "all_reduce_flag"]
 
 
@@ -138,7 +140,7 @@ def check_grad_layout(param: Tensor, grad: Tensor, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- reductions
-def make_all_reduce(groups: Sequence[Any]) -> "Any":
+def make_all_reduce(groups: Sequence[Any]) -> AllReduceSum:
     """An ``AllReduceSum`` over ``groups`` (several only for a dim 0 split over several mesh dims).
 
     The listed tensors are packed into one flat buffer per dtype, summed in one collective per group,
