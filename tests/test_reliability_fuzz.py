@@ -6,9 +6,11 @@ either work or raise a clear exception (``ValueError``, ``TypeError``, ``NonFini
 ``NotImplementedError``) with a message, and it must never write NaN or Inf into a parameter or its
 state. ``docs/reliability.md`` lists the guarantees and the test that checks each one.
 
-The generators leave out the inputs of the known bugs; each bug has its own strict ``xfail`` test at
-the end of this file with a minimal reproducer. When a bug is fixed, its xfail test passes (and so
-fails, being strict): remove the marker and widen the generator where the ``# known bug`` comment says.
+The last section keeps, as regression tests, the minimal reproducers of the bugs this fuzzing found
+(all fixed): SAGE column-sum overflow, eps = 0 with a zero gradient, an empty dim 0, SinkGD NaN on
+zero/denormal/huge rows, float64 gradients beyond float32's range called non-finite, float16
+momentum overflow (now refused), refused param groups left behind, unvalidated flags, and
+``load_state_dict`` half-loading malformed state.
 
 Every hypothesis test is derandomized (no example database), so CI runs the same cases each time.
 ``pytest tests/test_reliability_fuzz.py --hypothesis-show-statistics`` counts them.
@@ -61,14 +63,13 @@ VALUES: dict[str, tuple[list[Any], list[Any], list[Any]]] = {
     "iters": ([1, 2, 5], [10**9], [0, -1, 2.5, True, "5", None, NAN]),
     "scale": ([0.5, 1.0, 10], [1e300], [0.0, -1.0, NAN, INF, "10", True, None]),
     "normalization": (["uniform", "sr"], [], ["l1", "", "UNIFORM", None, 1, ["sr"]]),
-    "state_dtype": ([None, torch.float32, torch.bfloat16, torch.float16, torch.float64, "float32", "bfloat16"], [],
-                    [torch.int8, torch.complex64, "bf16", "int8", 5, NAN]),
+    "state_dtype": ([None, torch.float32, torch.bfloat16, torch.float64, "float32", "bfloat16"], [],
+                    [torch.float16, "float16", torch.int8, torch.complex64, "bf16", "int8", 5, NAN]),
     "foreach": ([None, True, False], [], ["yes", 1, 0, NAN]),
     "nonfinite": (["raise", "skip"], [], ["ignore", "RAISE", None, 1, True]),
     "maximize": ([True, False], [], ["yes", 1, None, NAN]),
-    # note: only booleans here; non-boolean flags are accepted silently (known bug, see the xfail test).
-    "code_compat": ([True, False], [], []),
-    "instant_damper": ([True, False], [], []),
+    "code_compat": ([True, False], [], ["no", 1, None]),
+    "instant_damper": ([True, False], [], ["yes", 0, None]),
 }
 
 #: the word an error message must contain to name the argument.
@@ -205,9 +206,6 @@ def test_constructor_takes_valid_arguments_and_refuses_invalid_ones_naming_them(
 def shape_for(draw: st.DrawFn, info: OptimizerInfo, dims: st.SearchStrategy[int]) -> tuple[int, ...]:
     ndim = draw(st.integers(2 if info.matrices_only else 0, 4))
     shape = [draw(dims) for _ in range(ndim)]
-    if ndim >= 2 and _rule_of(info, ndim) == "sage":
-        # known bug: an empty dim 0 gives SAGE a NaN col_ema (mean over no rows); see the xfail test.
-        shape[0] = max(shape[0], 1)
     return tuple(shape)
 
 
@@ -253,16 +251,9 @@ def _magnitudes(rule: str, dtype: torch.dtype, ndim: int) -> dict[str, float]:
     if dtype == torch.float16:
         kinds = {"zero": 0.0, "denormal": 1e-7, "tiny": 1e-4, "normal": 1.0, "huge": 6e4, "half_max": info.max / 2}
     elif dtype == torch.float64:
-        kinds = {"zero": 0.0, "denormal": 1e-310, "tiny": 1e-20, "normal": 1.0, "huge": 1e30}
-        # known bug: float64 values beyond float32's range are called non-finite (no "half_max"; xfail test).
+        kinds = {"zero": 0.0, "denormal": 1e-310, "tiny": 1e-20, "normal": 1.0, "huge": 1e30, "half_max": info.max / 2}
     else:
         kinds = {"zero": 0.0, "denormal": 1e-40, "tiny": 1e-20, "normal": 1.0, "huge": 1e30, "half_max": info.max / 2}
-    if rule == "sinkgd" and dtype != torch.float64:
-        # known bug: in float32 arithmetic a zero row or column, denormal or tiny rows, and |g| beyond
-        # ~1e19 make the Sinkhorn scalings overflow into NaN (xfail test); keep to six decades either side.
-        return {"normal": 1.0, "small": 1e-6, "large": 1e4 if dtype == torch.float16 else 1e6}
-    if rule == "sage" and ndim >= 2 and dtype in (torch.float32, torch.bfloat16):
-        kinds.pop("half_max")  # known bug: the float32 column sum of |g| overflows (xfail test)
     return kinds
 
 
@@ -292,7 +283,7 @@ def _corner_gradient(p: torch.Tensor, kinds: dict[str, float], kind: str, step: 
         values = [sign * kinds[names[(i + step) % len(names)]] for i, sign in enumerate(signs)]
     elif kind in kinds:
         values = [sign * kinds[kind] for sign in signs]
-    else:  # a kind this parameter's rule cannot take yet (known bug): an ordinary gradient
+    else:  # a kind not defined for this dtype: an ordinary gradient
         values = [sign * (1.0 + i) for i, sign in enumerate(signs)]
     return torch.tensor(values, dtype=torch.float64).reshape(p.shape).to(p.dtype)
 
@@ -446,7 +437,7 @@ def _rename_first(group: dict[str, Any]) -> None:
 
 
 #: name -> damage to a saved state dict. Each either still loads (and the next step is finite) or is
-#: refused with a clear error; damage that breaks the optimizer today is in the xfail test below.
+#: refused with a clear error; malformed state is refused at load time (see the regression tests below).
 DAMAGE = {
     "drop one parameter's state": _on_first_state(lambda state, i: state.pop(i)),
     "drop all state": lambda sd: sd["state"].clear(),
@@ -508,10 +499,7 @@ def test_damaged_state_dict_loads_or_is_refused_clearly_never_half_loaded(name, 
     _assert_finite_and_typed(opt, dtypes)
 
 
-# ------------------------------------------------------------------------------------ known bugs
-@pytest.mark.xfail(strict=True, reason="SAGE sums |g| over dim 0 in float32 (functional/sage.py _local_statistic: "
-                   "g.abs().sum(0)); finite gradients near finfo.max overflow it to inf, col_ema becomes inf and "
-                   "H = inf/inf = NaN is multiplied into the update: NaN parameters")
+# ------------------------------------------------------------------ regression tests of bugs found by fuzzing
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sage_finite_huge_gradients_on_a_matrix_leave_it_finite(dtype):
     p = torch.nn.Parameter(torch.ones(4, 3, dtype=dtype))
@@ -521,8 +509,6 @@ def test_sage_finite_huge_gradients_on_a_matrix_leave_it_finite(dtype):
     _assert_finite_and_typed(opt, _dtypes([p]))
 
 
-@pytest.mark.xfail(strict=True, reason="SAGE accepts eps=0, but with an all-zero gradient the damper is "
-                   "sigma / (ema_hat + eps) = 0/0 = NaN (functional/sage.py _damper), written into the parameter")
 @pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
 def test_sage_with_eps_zero_and_a_zero_gradient_leaves_parameters_finite(foreach):
     p = torch.nn.Parameter(torch.ones(4, 3))
@@ -532,8 +518,6 @@ def test_sage_with_eps_zero_and_a_zero_gradient_leaves_parameters_finite(foreach
     _assert_finite_and_typed(opt, _dtypes([p]))
 
 
-@pytest.mark.xfail(strict=True, reason="SAGE on a parameter with an empty dim 0, e.g. shape (0, 3): the mean of "
-                   "|g| over zero rows is 0/0 = NaN and is stored in col_ema")
 def test_sage_on_a_parameter_with_an_empty_dim_0_keeps_finite_state():
     p = torch.nn.Parameter(torch.ones(0, 3))
     opt = so.SAGE([p])
@@ -557,11 +541,6 @@ def _sinkgd_grad(kind: str) -> torch.Tensor:
     return g
 
 
-@pytest.mark.xfail(strict=True, reason="SinkGD in float32 (functional/sinkgd.py sinkhorn_scalings): a zero row "
-                   "or column makes its scaling grow by 1/eps per iteration, to inf after 5 iterations "
-                   "(1e40 > float32 max), and 0 * inf = NaN spreads through the column sums to the whole matrix; "
-                   "denormal rows underflow g*g to 0 the same way, and |g| beyond ~1.8e19 overflows g*g to inf. "
-                   "The NaN update is written into the parameter (float64 holds out longer, to about 38 iterations)")
 @pytest.mark.parametrize("kind", ["one zero row", "one zero column", "all zeros", "denormal 1e-40", "huge 1e30"])
 @pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
 def test_sinkgd_float32_gradient_with_zero_tiny_or_huge_rows_leaves_parameters_finite(kind, foreach):
@@ -572,9 +551,6 @@ def test_sinkgd_float32_gradient_with_zero_tiny_or_huge_rows_leaves_parameters_f
     _assert_finite_and_typed(opt, _dtypes([p]))
 
 
-@pytest.mark.xfail(strict=True, reason="distributed/__init__.py _local_all_finite casts the aminmax of every "
-                   "gradient to float32, so a finite float64 gradient beyond 3.4e38 (e.g. 1e300) reads as Inf: "
-                   "NonFiniteGradientError is raised (or the step skipped) for a finite gradient")
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
 def test_finite_float64_gradient_beyond_float32_range_is_not_called_non_finite(info):
     params = _small_params(info)
@@ -584,21 +560,14 @@ def test_finite_float64_gradient_beyond_float32_range_is_not_called_non_finite(i
     opt.step()
 
 
-@pytest.mark.xfail(strict=True, reason="state_dtype=float16 stores momentum gradients beyond 65504 as inf "
-                   "(functional/sage.py _lerp_state_ rounds without saturating); the next gradient of the other sign "
-                   "makes it inf - inf = NaN, and sign(NaN) = 0 then freezes the parameter for good")
 @pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name in ("SAGE", "Lion")], ids=str)
-def test_float16_momentum_stays_finite_for_gradients_beyond_its_range(info):
+def test_float16_momentum_is_refused_because_it_would_overflow(info):
+    """float16 state would store momentum beyond 65504 as inf (then inf − inf = NaN freezes the parameter)."""
     p = torch.nn.Parameter(torch.ones(3))
-    opt = info.make([p], state_dtype=torch.float16)
-    for value in (1e30, -1e30):
-        p.grad = torch.full((3,), value)
-        opt.step()
-    _assert_finite_and_typed(opt, _dtypes([p]))
+    with pytest.raises(ValueError, match="state_dtype float16 is refused.*use bfloat16"):
+        info.make([p], state_dtype=torch.float16)
 
 
-@pytest.mark.xfail(strict=True, reason="RuleOptimizer.add_param_group appends the group (torch's add_param_group) "
-                   "before validating it, so a refused group stays in param_groups and every later step raises")
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
 def test_a_refused_add_param_group_leaves_the_optimizer_as_it_was(info):
     params = _small_params(info)
@@ -614,8 +583,6 @@ def test_a_refused_add_param_group_leaves_the_optimizer_as_it_was(info):
     opt.step()
 
 
-@pytest.mark.xfail(strict=True, reason="code_compat and instant_damper are never validated (unlike maximize and "
-                   "foreach): code_compat='no' is truthy and silently selects the released-code order")
 @pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name in ("SAGE", "SinkSAGE")], ids=str)
 @pytest.mark.parametrize("flag", ["code_compat", "instant_damper"])
 @pytest.mark.parametrize("value", ["no", 1, None], ids=repr)
@@ -654,11 +621,6 @@ MALFORMED = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="RuleOptimizer.load_state_dict checks only the partition: a missing "
-                   "top-level key or group 'params' raises KeyError, a non-dict 'state' AttributeError; per-parameter "
-                   "state is never checked against the rule's state spec (keys, shapes, tensor type), so the load "
-                   "succeeds and the next step raises KeyError/AttributeError/RuntimeError; an unknown state_dtype "
-                   "raises KeyError after torch has already replaced the groups (half-loaded)")
 @pytest.mark.parametrize("damage", sorted(MALFORMED))
 def test_malformed_state_dict_is_refused_at_load_with_a_clear_error(damage):
     saved = _sage_state_dict()

@@ -28,9 +28,9 @@ def _sage_elementwise(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Tens
     param.sub_((lr * direction * damper).to(param.dtype))
 
 
-def _sinkgd_apply(param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, lr: Tensor, weight_decay: Tensor,
-                  step_scale: Tensor) -> None:
-    x = rows.unsqueeze(-1) * grad.to(rows.dtype) * cols.unsqueeze(0)
+def _sinkgd_apply(param: Tensor, grad: Tensor, grad_scale: Tensor, rows: Tensor, cols: Tensor, lr: Tensor,
+                  weight_decay: Tensor, step_scale: Tensor) -> None:
+    x = rows.unsqueeze(-1) * (grad / grad_scale) * cols.unsqueeze(0)
     param.mul_(1 - lr * weight_decay)
     param.sub_((lr * step_scale * x).to(param.dtype))
 
@@ -69,11 +69,12 @@ def sage_update(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[T
            code_compat)
 
 
-def sinkgd_update(param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, *, lr: float, weight_decay: float,
-                  step_scale: float) -> None:
-    """The compiled θ ← θ·(1 − ηλ) − η·scale·diag(r)·G·diag(c) of one matrix."""
+def sinkgd_update(param: Tensor, grad: Tensor, grad_scale: Tensor, rows: Tensor, cols: Tensor, *, lr: float,
+                  weight_decay: float, step_scale: float) -> None:
+    """The compiled θ ← θ·(1 − ηλ) − η·scale·diag(r)·(G/s)·diag(c) of one matrix."""
     kernel = _compiled("sinkgd", (param.dtype, grad.dtype, rows.dtype))
-    kernel(as_rows(param), as_rows(grad), rows, cols, *[scalar(v, rows) for v in (lr, weight_decay, step_scale)])
+    kernel(as_rows(param), as_rows(grad), grad_scale, rows, cols,
+           *[scalar(v, rows) for v in (lr, weight_decay, step_scale)])
 
 
 def scalar(value: float, like: Tensor) -> Tensor:

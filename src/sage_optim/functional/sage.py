@@ -40,19 +40,24 @@ def column_abs_mean(grad: Tensor) -> Tensor:
     return g.abs().mean(0) if g.ndim >= 2 else g.abs()
 
 
-def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float) -> Tensor:
-    """What this process can compute alone, and what must be summed across shards.
+def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
+                     global_rows: Optional[int] = None) -> Tensor:
+    """What this process can compute alone, and what must be summed across shards (float64).
 
-    Matrices: the column sums of |g|.  Vectors: the EMA is element-wise, so it is updated here,
-    and the two sums of squares (of Ŝ and of s) behind σ and γ are returned.
+    Matrices: this shard's part of the column means of |g| (Σ_local |g| / global rows).  Vectors: the
+    EMA is element-wise, so it is updated here, and the two sums of squares (of Ŝ and of s) behind σ
+    and γ are returned.
     """
+    # note: statistics are O(d), so they are accumulated in float64, and |g| is divided by the row
+    # count before summing: a float32 (or float64) column sum of |g| overflows near the dtype's maximum.
     g = as_compute(grad)
     if g.ndim >= 2:
-        return g.abs().sum(0)
+        rows = g.shape[0] if global_rows is None else global_rows
+        return g.abs().div_(max(rows, 1)).sum(0, dtype=torch.float64)
     abs_grad = g.abs()
-    col_ema.lerp_(abs_grad, 1 - beta2)
-    ema_hat = col_ema / (1 - beta2**step)
-    return torch.stack([ema_hat.square().sum(), abs_grad.square().sum()])
+    col_ema.lerp_(abs_grad.to(col_ema.dtype), 1 - beta2)
+    ema_hat = col_ema.double() / (1 - beta2**step)
+    return torch.stack([ema_hat.square().sum(), abs_grad.double().square().sum()])
 
 
 def _damper(grad: Tensor, col_ema: Tensor, statistic: Tensor, global_shape: Sequence[int], step: float,
@@ -60,33 +65,35 @@ def _damper(grad: Tensor, col_ema: Tensor, statistic: Tensor, global_shape: Sequ
     """H_t from the (already all-reduced) statistic; shape ``grad.shape[1:]`` (or ``grad.shape``)."""
     bias_correction = 1 - beta2**step
     if grad.ndim >= 2:
-        col_abs_mean = statistic / global_shape[0]
-        col_ema.lerp_(col_abs_mean, 1 - beta2)
-        ema_hat = col_ema / bias_correction
+        col_abs_mean = statistic  # already divided by the global row count (an empty dim 0 gives 0)
+        col_ema.lerp_(col_abs_mean.to(col_ema.dtype), 1 - beta2)
+        ema_hat = col_ema.double() / bias_correction
         # note: for a matrix the d-vector is whole on every rank, so its RMS is local.
         sigma = ema_hat.square().mean().sqrt()
         gamma = col_abs_mean.square().mean().sqrt()
     else:
-        col_abs_mean = as_compute(grad).abs()
-        ema_hat = col_ema / bias_correction
+        col_abs_mean = as_compute(grad).abs().double()
+        ema_hat = col_ema.double() / bias_correction
         numel = max(math.prod(global_shape), 1)
         sigma = (statistic[0] / numel).sqrt()
         gamma = (statistic[1] / numel).sqrt()
     damper = sigma / (ema_hat + eps)
     if instant_damper:
         damper = torch.minimum(damper, gamma / (col_abs_mean + eps))
-    return damper.clamp_(max=1.0)
+    # note: with eps = 0, an all-zero column gives 0/0; its limit (every ratio is 1) is H = 1.
+    return damper.nan_to_num_(nan=1.0).clamp_(max=1.0).to(as_compute(grad).dtype)
 
 
 def _dampers(grads: list[Tensor], col_emas: list[Tensor], steps: list[float], *, beta2: float, eps: float,
              instant_damper: bool, all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
              global_shapes: Optional[Sequence[Sequence[int]]]) -> list[Tensor]:
-    statistics = [_local_statistic(g, s, t, beta2) for g, s, t in zip(grads, col_emas, steps)]
+    shapes = global_shapes if global_shapes is not None else [g.shape for g in grads]
+    statistics = [_local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1)
+                  for g, s, t, shape in zip(grads, col_emas, steps, shapes)]
     if all_reduce is not None and sharded is not None:
         to_reduce = [x for x, is_sharded in zip(statistics, sharded) if is_sharded]
         if to_reduce:
             all_reduce(to_reduce)  # one batched collective for every sharded parameter of the step
-    shapes = global_shapes if global_shapes is not None else [g.shape for g in grads]
     return [
         _damper(g, s, x, shape, t, beta2=beta2, eps=eps, instant_damper=instant_damper)
         for g, s, x, shape, t in zip(grads, col_emas, statistics, shapes, steps)

@@ -24,7 +24,7 @@ matrices of a chunk.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from torch import Tensor
 from . import _compiled
 from ._common import AllReduceSum, as_compute, chunks_by_numel, group_by_key
 
-__all__ = ["sinkgd", "sinkhorn_scalings", "NORMALIZATIONS"]
+__all__ = ["sinkgd", "sinkhorn_scalings", "max_abs", "NORMALIZATIONS"]
 
 Normalization = Literal["uniform", "sr"]
 NORMALIZATIONS: tuple[str, ...] = ("uniform", "sr")
@@ -43,30 +43,56 @@ def _as_matrix(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
-def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization: Normalization,
-                      global_rows: int, all_reduce: Optional[AllReduceSum] = None) -> tuple[Tensor, Tensor]:
-    """The row and column scalings r, c with X = diag(r)·G·diag(c), from ``squares`` = G ⊙ G.
+def max_abs(matrices: Tensor) -> Tensor:
+    """max |G| of an (n, m) matrix (0-D) or of each matrix of a (b, n, m) stack, with 1 for all-zero/empty ones."""
+    flat = matrices.reshape(-1) if matrices.ndim == 2 else matrices.reshape(matrices.shape[0], -1)
+    if flat.shape[-1] == 0:
+        return torch.ones(flat.shape[:-1], dtype=matrices.dtype, device=matrices.device)
+    low, high = torch.aminmax(flat, dim=-1) if flat.ndim == 2 else torch.aminmax(flat)
+    largest = torch.maximum(low.abs(), high)
+    return torch.where(largest > 0, largest, torch.ones_like(largest))
 
-    ``squares`` is (n, m) or a stack (b, n, m) of same-shape matrices; r is (…, n), c is (…, m).
+
+def _limit(dtype: torch.dtype, length: int) -> float:
+    # note: the largest squared scaling whose mat-vec with entries ≤ 1 cannot overflow ``dtype``.
+    return torch.finfo(dtype).max / (4.0 * max(length, 1))
+
+
+def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization: Normalization,
+                      global_rows: int, all_reduce: Optional[AllReduceSum] = None,
+                      grad_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The row and column scalings r, c with X = diag(r)·(G/s)·diag(c), from ``squares`` = (G/s) ⊙ (G/s).
+
+    ``squares`` is (n, m) or a stack (b, n, m) of same-shape matrices; r is (…, n), c is (…, m), both
+    float64. ``grad_scale`` is s (0-D, or (b,) for a stack; default 1): dividing G by its largest |entry|
+    keeps Q finite for any finite G, and ε/s in the first row step makes the result that of G, ε included.
     ``global_rows`` is n of the unsharded matrix (used by "sr"); ``all_reduce`` sums the column
     statistics across the shards of dim 0 (None when the matrix is whole).
     """
     *batch, n, m = squares.shape
-    rows = torch.ones(*batch, n, dtype=squares.dtype, device=squares.device)
-    cols = torch.ones(*batch, m, dtype=squares.dtype, device=squares.device)
+    vector = dict(dtype=torch.float64, device=squares.device)
+    rows = torch.ones(*batch, n, **vector)
+    cols = torch.ones(*batch, m, **vector)
+    # note: the first row step sees ‖G_i/s‖ = ‖G_i‖/s, so ε/s there makes the result exactly that of G
+    # (afterwards X is normalised and scale-free); this is starting r at s without overflowing r·‖…‖.
+    first_eps: Union[float, Tensor] = eps
+    if grad_scale is not None:
+        first_eps = eps / grad_scale.to(torch.float64).reshape(*batch, 1)  # broadcasts over each row vector
     row_target = math.sqrt(m) if normalization == "sr" else 1.0
     col_target = math.sqrt(global_rows) if normalization == "sr" else 1.0
-    for _ in range(iters):
-        row_sq = torch.matmul(squares, (cols * cols).unsqueeze(-1)).squeeze(-1)
-        rows = rows / (rows * row_sq.sqrt() + eps)
-        if row_target != 1.0:
-            rows = rows * row_target
-        col_sq = torch.matmul((rows * rows).unsqueeze(-2), squares).squeeze(-2)
+    # note: an all-zero row (or column) makes its scaling grow by 1/ε per iteration while X's row stays 0;
+    # capping the scalings keeps every product and mat-vec finite (0 · cap = 0, never 0 · inf = NaN).
+    row_cap, col_cap = math.sqrt(_limit(squares.dtype, n)), math.sqrt(_limit(squares.dtype, m))
+    for iteration in range(iters):
+        col_weights = (cols * cols).to(squares.dtype)
+        row_sq = torch.matmul(squares, col_weights.unsqueeze(-1)).squeeze(-1)
+        rows = rows / (rows * row_sq.to(torch.float64).sqrt() + (first_eps if iteration == 0 else eps)) * row_target
+        rows = rows.clamp_(max=row_cap)
+        row_weights = (rows * rows).to(squares.dtype)
+        col_sq = torch.matmul(row_weights.unsqueeze(-2), squares).squeeze(-2)
         if all_reduce is not None:
             all_reduce([col_sq])
-        cols = cols / (cols * col_sq.sqrt() + eps)
-        if col_target != 1.0:
-            cols = cols * col_target
+        cols = (cols / (cols * col_sq.to(torch.float64).sqrt() + eps) * col_target).clamp_(max=col_cap)
     return rows, cols
 
 
@@ -76,17 +102,20 @@ def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: floa
                           global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False) -> None:
     for i, (param, grad) in enumerate(zip(params, grads)):
         g = _as_matrix(as_compute(grad))
-        work = g * g  # Q; its buffer is reused for X, so the step holds one full-size temporary
+        grad_scale = max_abs(g)
+        work = torch.div(g, grad_scale).square_()  # Q of G/s; its buffer is reused for X (one temporary)
         reduce = all_reduce if (sharded is not None and sharded[i]) else None
         n_global = global_shapes[i][0] if global_shapes is not None else g.shape[0]
         rows, cols = sinkhorn_scalings(work, iters=iters, eps=eps, normalization=normalization,
-                                       global_rows=n_global, all_reduce=reduce)
+                                       global_rows=n_global, all_reduce=reduce, grad_scale=grad_scale)
+        row_factor, col_factor = rows.to(g.dtype), cols.to(g.dtype)
         if compiled:
             del work
-            _compiled.sinkgd_update(param, g, rows, cols, lr=lr, weight_decay=weight_decay,
+            _compiled.sinkgd_update(param, g, grad_scale, row_factor, col_factor, lr=lr, weight_decay=weight_decay,
                                     step_scale=scale * (-1.0 if maximize else 1.0))
             continue
-        torch.mul(g, rows.unsqueeze(-1), out=work).mul_(cols)  # X written over Q: no second temporary
+        # X = diag(r)·(G/s)·diag(c), written over Q: no second temporary
+        torch.div(g, grad_scale, out=work).mul_(row_factor.unsqueeze(-1)).mul_(col_factor)
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         step_size = -lr * scale * (-1.0 if maximize else 1.0)
@@ -115,11 +144,13 @@ def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, wei
         for chunk in chunks_by_numel(indices, numels, budget):
             matrices = [_as_matrix(as_compute(grads[i])) for i in chunk]
             work = torch.stack(matrices)
-            work.square_()
+            grad_scale = max_abs(work)
+            work.div_(grad_scale.view(-1, 1, 1)).square_()
             rows, cols = sinkhorn_scalings(work, iters=iters, eps=eps, normalization=normalization,
-                                           global_rows=n_global[chunk[0]], all_reduce=reduce)
-            for k, matrix in enumerate(matrices):  # X = diag(r)·G·diag(c), written over Q's buffer
-                torch.mul(matrix, rows[k].unsqueeze(-1), out=work[k]).mul_(cols[k])
+                                           global_rows=n_global[chunk[0]], all_reduce=reduce, grad_scale=grad_scale)
+            row_factor, col_factor = rows.to(work.dtype), cols.to(work.dtype)
+            for k, matrix in enumerate(matrices):  # X = diag(r)·(G/s)·diag(c), written over Q's buffer
+                torch.div(matrix, grad_scale[k], out=work[k]).mul_(row_factor[k].unsqueeze(-1)).mul_(col_factor[k])
             torch._foreach_add_([params[i] for i in chunk], [x.view_as(params[i]) for x, i in zip(work, chunk)],
                                 alpha=step_size)
             del work

@@ -105,13 +105,17 @@ class RuleOptimizer(Optimizer):
             param_group["state_dtype"] = state_dtype_name(param_group["state_dtype"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
-        rule = RULES[rule_name]
-        for name, param in zip(self._names(group), group["params"]):
-            if param.is_complex() or not param.is_floating_point():
-                raise TypeError(f"{name} has dtype {param.dtype}; {type(self).__name__} supports real floating-point "
-                                "parameters only (view complex ones with torch.view_as_real)")
-            rule.check_param(name, param, group)
+        try:
+            self._validate_group(group)
+            rule = RULES[rule_name]
+            for name, param in zip(self._names(group), group["params"]):
+                if param.is_complex() or not param.is_floating_point():
+                    raise TypeError(f"{name} has dtype {param.dtype}; {type(self).__name__} supports real "
+                                    "floating-point parameters only (view complex ones with torch.view_as_real)")
+                rule.check_param(name, param, group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a refused group must not stay behind
+            raise
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         rule = group.get("rule")
@@ -226,13 +230,22 @@ class RuleOptimizer(Optimizer):
         return PartitionReport(rows)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; refuses a different partition, and keeps state dtypes (torch would cast to the param's)."""
+        """Load state; refuses a different partition or malformed state (leaving this optimizer as it was),
+        and keeps state dtypes (torch would cast them to the parameter's)."""
+        _check_state_dict_layout(state_dict)
         saved_groups = state_dict["param_groups"]
         problems = _partition_differences(saved_groups, self.param_groups)
         if problems:
             raise ValueError("cannot load this optimizer state: its partition differs from this optimizer's: "
                              + "; ".join(problems))
         saved_state = state_dict["state"]
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            merged = {**group, **{k: v for k, v in saved_group.items() if k != "params"}}
+            self._validate_group(merged)  # before anything is replaced
+            rule = RULES[merged["rule"]]
+            for saved_id, name, param in zip(saved_group["params"], self._names(group), group["params"]):
+                if saved_id in saved_state:
+                    _check_param_state(name, saved_state[saved_id], rule.state_spec(param, merged))
         super().load_state_dict(state_dict)
         # note: torch.optim casts floating state to the parameter's dtype on load (pytorch#43706), which
         # would turn fp32 state of bf16 parameters into bf16. Restore each tensor from the saved value.
@@ -247,6 +260,33 @@ class RuleOptimizer(Optimizer):
                         self.state[param][key] = value.to(device=dist_support.local_device(param),
                                                           dtype=spec[key][1], copy=True) \
                             if not dist_support.is_dtensor(value) else value.to(dtype=spec[key][1])
+
+
+def _check_state_dict_layout(state_dict: Any) -> None:
+    fix = "pass the dict returned by optimizer.state_dict()"
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+            or not isinstance(state_dict.get("param_groups"), list):
+        raise ValueError(f"an optimizer state dict has a 'state' dict and a 'param_groups' list; {fix}")
+    for i, group in enumerate(state_dict["param_groups"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise ValueError(f"param_groups[{i}] of the state dict has no 'params' list; {fix}")
+
+
+def _check_param_state(name: str, state: Any, spec: StateSpec) -> None:
+    """The saved state of one parameter must have the rule's keys, as tensors of the right shapes."""
+    if not isinstance(state, dict):
+        raise ValueError(f"saved state of {name} is a {type(state).__name__}, not a dict of tensors")
+    if not state:
+        return
+    missing = sorted(set(spec) - set(state))
+    if missing:
+        raise ValueError(f"saved state of {name} lacks {missing}; it was not written by this optimizer's rule")
+    for key, (shape, _) in spec.items():
+        value = state[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"saved state {key!r} of {name} is a {type(value).__name__}, not a tensor")
+        if key != "step" and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"saved state {key!r} of {name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
 
 
 def _partition_differences(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:

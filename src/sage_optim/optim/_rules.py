@@ -80,8 +80,17 @@ def _check_eps(group: dict[str, Any]) -> None:
 
 def _check_state_dtype(group: dict[str, Any]) -> None:
     value = group.get("state_dtype")
+    if value == "float16":
+        raise ValueError(f"state_dtype float16 is refused{_where(group)}: momentum beyond 65504 would overflow "
+                         "to inf; use bfloat16 (same size, float32's range)")
     if value is not None and value not in _DTYPES:
         raise ValueError(f"state_dtype must be None or one of {list(_DTYPES)}, got {value!r}{_where(group)}")
+
+
+def _check_flags(group: dict[str, Any], *names: str) -> None:
+    for name in names:
+        if name in group and not isinstance(group[name], bool):
+            raise TypeError(f"{name} must be True or False, got {group[name]!r}{_where(group)}")
 
 
 def _validate_lion(group: dict[str, Any]) -> None:
@@ -93,6 +102,7 @@ def _validate_lion(group: dict[str, Any]) -> None:
 def _validate_sign_rule(group: dict[str, Any]) -> None:
     _validate_lion(group)
     _check_eps(group)
+    _check_flags(group, "code_compat", "instant_damper")
 
 
 def _validate_sinkgd(group: dict[str, Any]) -> None:
