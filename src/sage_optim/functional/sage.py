@@ -84,9 +84,14 @@ def _damper(grad: Tensor, col_ema: Tensor, statistic: Tensor, global_shape: Sequ
     return damper.nan_to_num_(nan=1.0).clamp_(max=1.0).to(as_compute(grad).dtype)
 
 
-def _dampers(grads: list[Tensor], col_emas: list[Tensor], steps: list[float], *, beta2: float, eps: float,
-             instant_damper: bool, all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
-             global_shapes: Optional[Sequence[Sequence[int]]]) -> list[Tensor]:
+def _dampers(grads: list[Tensor], col_emas: list[Optional[Tensor]], state_steps: list[Tensor], *, damper: bool,
+             beta2: float, eps: float, instant_damper: bool, all_reduce: Optional[AllReduceSum],
+             sharded: Optional[Sequence[bool]],
+             global_shapes: Optional[Sequence[Sequence[int]]]) -> list[Optional[Tensor]]:
+    """H_t of every parameter (``None`` each when ``damper=False``: Lion), after the step counts were advanced."""
+    if not damper:
+        return [None] * len(grads)
+    steps = [float(s) for s in state_steps]
     shapes = global_shapes if global_shapes is not None else [g.shape for g in grads]
     statistics = [_local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1)
                   for g, s, t, shape in zip(grads, col_emas, steps, shapes)]
@@ -95,7 +100,7 @@ def _dampers(grads: list[Tensor], col_emas: list[Tensor], steps: list[float], *,
         if to_reduce:
             all_reduce(to_reduce)  # one batched collective for every sharded parameter of the step
     return [
-        _damper(g, s, x, shape, t, beta2=beta2, eps=eps, instant_damper=instant_damper)
+        _damper(g, s, x, shape, t, beta2=beta2, eps=eps, instant_damper=instant_damper)  # type: ignore[arg-type]
         for g, s, x, shape, t in zip(grads, col_emas, statistics, shapes, steps)
     ]
 
@@ -125,12 +130,9 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     grads = [as_compute(-g if maximize else g) for g in grads]
     for step in state_steps:
         step += 1
-    steps = [float(s) for s in state_steps]
-    dampers: list[Optional[Tensor]] = [None] * len(params)
-    if damper:
-        dampers = list(_dampers(grads, col_emas, steps, beta2=beta2, eps=eps,  # type: ignore[arg-type]
-                                instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
-                                global_shapes=global_shapes))
+    dampers = _dampers(grads, col_emas, state_steps, damper=damper, beta2=beta2, eps=eps,
+                       instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
+                       global_shapes=global_shapes)
     update = _compiled.sage_update if compiled else _update_one
     for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
         update(param, grad, exp_avg, h, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
@@ -147,12 +149,9 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     if maximize:
         grads = list(torch._foreach_neg(grads))
     torch._foreach_add_(state_steps, 1)
-    steps = [float(s) for s in state_steps]
-    dampers: list[Optional[Tensor]] = [None] * len(params)
-    if damper:
-        dampers = list(_dampers(grads, col_emas, steps, beta2=beta2, eps=eps,  # type: ignore[arg-type]
-                                instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
-                                global_shapes=global_shapes))
+    dampers = _dampers(grads, col_emas, state_steps, damper=damper, beta2=beta2, eps=eps,
+                       instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
+                       global_shapes=global_shapes)
     numels = [p.numel() for p in params]
     # note: the direction is a temporary as large as its chunk; chunks are capped at the largest
     # parameter so the step never holds more than one largest-parameter-sized buffer of temporaries.

