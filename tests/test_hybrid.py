@@ -154,3 +154,27 @@ def test_lr_scheduler_drives_every_group():
     assert {g["role"]: g["lr"] for g in opt.param_groups} == {"embedding": 5e-5, "head": 1e-3, "vector": 1e-3,
                                                             "hidden": 1e-3}
     del sched
+
+
+def test_muon_rule_runs_torch_muon_on_hidden_matrices_and_refuses_vectors():
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("this torch has no torch.optim.Muon")
+    from sage_optim.optim.registry import create_optimizer
+
+    model = tiny_llama(200, False)
+    opt = create_optimizer("muon-hybrid", model)
+    assert {g["role"]: g["rule"] for g in opt.param_groups} == {
+        "embedding": "adamw", "head": "adamw", "vector": "adamw", "hidden": "muon"}
+    x = torch.randint(0, 200, (2, 8))
+    losses = []
+    for _ in range(4):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    hidden = next(g for g in opt.param_groups if g["rule"] == "muon")
+    assert all(set(opt.state[p]) == {"momentum_buffer"} for p in hidden["params"])
+    with pytest.raises(ValueError, match="Muon needs 2-D parameters, but model.layers.0.input_layernorm.weight"):
+        so.SinkSAGE(model, rules={"vector": "muon"})

@@ -204,6 +204,47 @@ def _step_adamw(group, params, grads, states, shards) -> None:  # type: ignore[n
          maximize=group.get("maximize", False))
 
 
+def _validate_muon(group: dict[str, Any]) -> None:
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"rule 'muon' needs torch.optim.Muon (torch >= 2.9); this torch {torch.__version__} "
+                         "has none: pick another rule")
+    _check_common(group)
+    _check_eps(group)
+    momentum = group["momentum"]
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Invalid momentum: {momentum!r}{_where(group)}; use a value in [0, 1), e.g. 0.95")
+    _check_flags(group, "nesterov")
+    if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
+        raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r}{_where(group)}; "
+                         "choose None, 'original' or 'match_rms_adamw'")
+    _check_state_dtype(group)
+
+
+def _param_check_2d(name: str, param: Tensor, group: dict[str, Any]) -> None:
+    if param.ndim != 2:
+        raise ValueError(f"Muon needs 2-D parameters, but {name} has shape {tuple(param.shape)}{_where(group)}; "
+                         "route it to another rule")
+
+
+def _muon_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
+    return {"momentum_buffer": (tuple(param.shape), resolve_state_dtype(param, group.get("state_dtype")))}
+
+
+def _step_muon(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+    from torch.optim._muon import muon
+
+    if shards.sharded and any(shards.sharded):
+        raise NotImplementedError("rule 'muon' on dim-0-sharded (FSDP2) parameters is not implemented: "
+                                  "Newton-Schulz needs the whole matrix")
+    buffers = [s["momentum_buffer"] for s in states]
+    grads = [g.to(b.dtype) for g, b in zip(grads, buffers)]
+    if group.get("maximize", False):
+        grads = [-g for g in grads]
+    muon(params, grads, buffers, lr=_float(group["lr"]), weight_decay=group["weight_decay"],
+         momentum=group["momentum"], nesterov=group["nesterov"], ns_coefficients=(3.4445, -4.775, 2.0315),
+         ns_steps=5, eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], has_complex=False)
+
+
 def _float(value: Any) -> float:
     return value.item() if isinstance(value, Tensor) else float(value)
 
@@ -218,7 +259,7 @@ class Rule:
     check_param: Callable[[str, Tensor, dict[str, Any]], None]
     state_spec: Callable[[Tensor, dict[str, Any]], StateSpec]
     step: Callable[[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Tensor]], ShardInfo], None]
-    #: True when the rule reduces over dim 0 (so dim-0 sharding needs a collective).
+    #: True when the rule reduces over dim 0 (so dim-0 sharding needs a collective, or is refused).
     reduces_over_rows: bool
 
 
@@ -234,4 +275,7 @@ RULES: dict[str, Rule] = {
     "adamw": Rule("adamw", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
                             "state_dtype": None},
                   _validate_sign_rule, _param_ok, _adamw_spec, _step_adamw, False),
+    "muon": Rule("muon", {"lr": 1e-3, "weight_decay": 1e-2, "momentum": 0.95, "nesterov": True, "eps": 1e-7,
+                          "adjust_lr_fn": "match_rms_adamw", "state_dtype": None},
+                 _validate_muon, _param_check_2d, _muon_spec, _step_muon, True),
 }

@@ -9,6 +9,8 @@ Notes on choices the paper leaves open (documented, not silent):
 * ``sinkgd-pure`` / ``sinkgd-hybrid`` use the SinkGD paper's "sr" convention with scale 100 (so its
   dense step is 2e-2 in SR units, SPEC §5). Vectors cannot be Sinkhorn-normalised; in
   ``sinkgd-pure`` they use AdamW at the same lr.
+* ``muon-hybrid`` is torch's ``Muon`` (as rule "muon", ``adjust_lr_fn="match_rms_adamw"``) for hidden
+  matrices and AdamW elsewhere, one lr (1e-3, not from the paper, which has no Muon run).
 * ``lion-hybrid`` keeps SAGE-hybrid's dense part (SinkGD uniform, scale 10, lr 2e-3) and gives the
   Lion groups ``embed_lr`` (default: Lion's paper lr 1e-4).
 """
@@ -77,6 +79,13 @@ def _lion_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: 
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
 
 
+def _muon_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    # note: torch's Muon with adjust_lr_fn="match_rms_adamw" scales its update to AdamW's RMS, so one lr
+    # serves both the Muon (hidden) and the AdamW (embedding/head/vector) groups.
+    rules = {"hidden": "muon", **{r: "adamw" for r in _NON_DENSE}}
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
+
+
 REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
     RegistryEntry("adamw", _adamw, 1e-4, "torch.optim.AdamW, betas (0.9, 0.999)"),
     RegistryEntry("lion", _lion, 1e-4, "Lion on every parameter"),
@@ -85,6 +94,7 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
     RegistryEntry("lion-hybrid", _lion_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + Lion (embed_lr 1e-4) elsewhere"),
     RegistryEntry("sage-pure", _sage_pure, 2e-3, "SAGE on every parameter"),
     RegistryEntry("sage-hybrid", _sage_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + SAGE embedding/head/vectors"),
+    RegistryEntry("muon-hybrid", _muon_hybrid, 1e-3, "torch Muon (match_rms_adamw) hidden + AdamW embedding/head/vectors"),
     RegistryEntry("sage-hybrid-bf16", _sage_hybrid_bf16, 2e-3, "sage-hybrid with bf16 momentum (round to nearest)"),
 ]}
 
