@@ -197,3 +197,22 @@ def test_help_bench_hook_and_module_entry_point(capsys: pytest.CaptureFixture[st
                           text=True, env=env, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "sage-optim: error: --train.steps: expected an integer, got 'x'"
+
+
+def test_sweep_picks_the_lowest_validation_loss_and_compare_uses_it(tmp_path, data_args):
+    sweep_dir = tmp_path / "sweeps" / "lion"
+    assert main(["sweep", "--preset", "cpu-tiny", "--optimizer", "lion", "--lrs", "1e-4", "3e-3", "--steps", "6",
+                 "--out", str(sweep_dir), *data_args]) == 0
+    result = json.loads((sweep_dir / "sweep.json").read_text())
+    losses = {g["lr"]: g["val_loss"] for g in result["grid"]}
+    assert set(losses) == {1e-4, 3e-3}
+    assert result["best_lr"] == min(losses, key=losses.get)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--preset", "cpu-tiny", "--optimizers", "lion", "--steps", "6",
+                 "--out", str(out), "--tuned", str(tmp_path / "sweeps"), *data_args]) == 0
+    summary = json.loads((out / "lion-seed42" / "summary.json").read_text())
+    assert summary["lr"] == result["best_lr"]
+    (out / "results.md").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "results.md").exists() and (out / "val_loss.png").exists()
+    assert main(["compare", "--preset", "cpu-tiny", "--optimizers", "adamw", "--tuned", str(tmp_path / "none")]) == 2

@@ -28,6 +28,7 @@ __all__ = ["main", "state_bytes_table"]
 
 PROG = "sage-optim"
 COMPARE_DEFAULT_OPTIMIZERS = ("adamw", "lion", "sinkgd-hybrid", "sage-hybrid")
+SWEEP_DEFAULT_FACTORS = (0.1, 0.316, 1.0, 3.16, 10.0)
 
 
 class UsageError(ValueError):
@@ -78,6 +79,29 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     p.add_argument("--config", metavar="FILE")
+    p.add_argument("--tuned", metavar="DIR", help="use each optimizer's best lr from DIR/<name>/sweep.json "
+                   "(written by `sage-optim sweep --out DIR/<name>`)")
+
+    p = sub.add_parser("sweep", help="learning-rate grid for one optimizer; picks the best by validation loss",
+                       description="Train one optimizer at log-spaced learning rates around its registry default "
+                       "(runs with a summary.json are skipped), then write sweep.json with every lr's final "
+                       "validation loss and the best lr. " + overrides_help)
+    p.add_argument("--preset", choices=preset_names(), default="cpu-demo")
+    p.add_argument("--optimizer", required=True, help="a registry name")
+    p.add_argument("--factors", nargs="+", type=float, default=list(SWEEP_DEFAULT_FACTORS), metavar="F",
+                   help="multiples of the default lr (default: 0.1 0.316 1 3.16 10)")
+    p.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="explicit learning rates (instead of --factors)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", help="default: runs/sweep-<preset>/<optimizer>")
+    p.add_argument("--data")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
+    p.add_argument("--config", metavar="FILE")
+
+    p = sub.add_parser("plot", help="redraw results.md and val_loss.png of a compare directory from its runs",
+                       description="Read <DIR>/<optimizer>-seed<seed>/{summary.json,metrics.jsonl} and write "
+                       "results.md and val_loss.png without training.")
+    p.add_argument("dir", help="a compare output directory")
 
     p = sub.add_parser("memory", help="optimizer-state bytes of every optimizer for a preset's model",
                        description="Build the preset's model on the meta device (no memory) and count the "
@@ -178,41 +202,115 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+def _check_registry(names: Sequence[str]) -> None:
     from .optim.registry import available_optimizers
-    from .train.checkpoint import latest_checkpoint
-    from .train.loop import train
 
-    missing = [name for name in args.optimizers if name not in available_optimizers()]
+    missing = [name for name in names if name not in available_optimizers()]
     if missing:
         raise UsageError(f"not in the optimizer registry: {', '.join(missing)} "
                          f"(available: {', '.join(available_optimizers())})")
+
+
+def _run_once(args: argparse.Namespace, overrides: dict[str, str], *, optimizer: str, seed: int, run_dir: Path,
+              lr: float | None, label: str) -> None:
+    """Train one run into ``run_dir`` unless it is complete; resume it when it has a checkpoint."""
+    from .train.checkpoint import latest_checkpoint
+    from .train.loop import train
+
+    if (run_dir / "summary.json").exists():
+        print(f"{label}: {run_dir} is complete, skipping", file=sys.stderr)
+        return
+    cfg = _build_config(args, overrides, {}, optimizer=optimizer)
+    cfg.seed = seed
+    cfg.output.out_dir = str(run_dir)
+    cfg.train.stop_at_step = None
+    if lr is not None:
+        cfg.optim.lr = lr
+    resume = latest_checkpoint(run_dir) is not None
+    print(f"{label}: {'resuming' if resume else 'training'} {optimizer} seed {seed}"
+          f"{'' if lr is None else f' lr {lr:g}'} -> {run_dir}", file=sys.stderr)
+    train(cfg, resume=resume)
+
+
+def _tuned_lr(tuned_dir: str | None, name: str) -> float | None:
+    if tuned_dir is None:
+        return None
+    path = Path(tuned_dir) / name / "sweep.json"
+    if not path.exists():
+        raise UsageError(f"--tuned {tuned_dir}: no {path}; run `sage-optim sweep --optimizer {name} "
+                         f"--out {Path(tuned_dir) / name}` first")
+    return float(json.loads(path.read_text())["best_lr"])
+
+
+def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    _check_registry(args.optimizers)
     overrides, _ = _split_overrides(extra, allow_opt=False)
     if "output.out_dir" in overrides or "seed" in overrides or "optimizer" in overrides:
         raise UsageError("compare sets optimizer, seed and output.out_dir itself; use --optimizers, --seeds, --out")
     out = Path(args.out or f"runs/compare-{args.preset}")
     runs: dict[str, list[Path]] = {}
     for name in args.optimizers:
+        lr = _tuned_lr(args.tuned, name)
         for seed in args.seeds:
             run_dir = out / f"{name}-seed{seed}"
             runs.setdefault(name, []).append(run_dir)
-            if (run_dir / "summary.json").exists():
-                print(f"compare: {run_dir} is complete, skipping", file=sys.stderr)
-                continue
-            cfg = _build_config(args, overrides, {}, optimizer=name)
-            cfg.seed = seed
-            cfg.output.out_dir = str(run_dir)
-            cfg.train.stop_at_step = None
-            resume = latest_checkpoint(run_dir) is not None
-            print(f"compare: {'resuming' if resume else 'training'} {name} seed {seed} -> {run_dir}",
-                  file=sys.stderr)
-            train(cfg, resume=resume)
+            _run_once(args, overrides, optimizer=name, seed=seed, run_dir=run_dir, lr=lr, label="compare")
+    _write_results(out, runs)
+    return 0
+
+
+def _write_results(out: Path, runs: dict[str, list[Path]]) -> None:
     summaries = {name: [json.loads((d / "summary.json").read_text()) for d in dirs] for name, dirs in runs.items()}
     table = _results_table(summaries)
     (out / "results.md").write_text(table, encoding="utf-8")
     plot = _plot_val_loss(runs, out / "val_loss.png")
     print(table, end="")
     print(f"\nresults: {out / 'results.md'}\nplot: {plot}")
+
+
+def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+    out = Path(args.dir)
+    runs: dict[str, list[Path]] = {}
+    for summary in sorted(out.glob("*-seed*/summary.json")):
+        name = summary.parent.name.rsplit("-seed", 1)[0]
+        runs.setdefault(name, []).append(summary.parent)
+    if not runs:
+        raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
+    _write_results(out, runs)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from .optim.registry import default_lr
+
+    _check_registry([args.optimizer])
+    overrides, _ = _split_overrides(extra, allow_opt=False)
+    if "output.out_dir" in overrides or "optim.lr" in overrides or "optimizer" in overrides:
+        raise UsageError("sweep sets optimizer, optim.lr and output.out_dir itself; use --optimizer, --lrs, --out")
+    lrs = args.lrs or [default_lr(args.optimizer) * f for f in args.factors]
+    if len(lrs) < 2 or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+        raise UsageError(f"sweep needs at least two positive learning rates, got {lrs}")
+    out = Path(args.out or f"runs/sweep-{args.preset}/{args.optimizer}")
+    grid = []
+    for lr in lrs:
+        run_dir = out / f"lr{lr:.3g}"
+        _run_once(args, overrides, optimizer=args.optimizer, seed=args.seed, run_dir=run_dir, lr=lr, label="sweep")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        grid.append({"lr": lr, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "run": run_dir.name})
+    finite = [g for g in grid if math.isfinite(g["val_loss"])]
+    if not finite:
+        raise UsageError(f"every learning rate of the sweep diverged: {lrs}")
+    best = min(finite, key=lambda g: g["val_loss"])
+    result = {"optimizer": args.optimizer, "preset": args.preset, "seed": args.seed, "grid": grid,
+              "best_lr": best["lr"], "default_lr": default_lr(args.optimizer),
+              "note": "best by final validation loss of one seed"}
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    for g in grid:
+        print(f"{args.optimizer} lr {g['lr']:.3g}: val loss {g['val_loss']:.4f} ppl {g['val_ppl']:.1f}"
+              f"{'   <- best' if g is best else ''}")
+    print(f"sweep: {out / 'sweep.json'}")
     return 0
 
 
@@ -389,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as exc:  # --help, or argparse's own usage error (already printed)
         return int(exc.code or 0)
-    commands = {"train": _cmd_train, "compare": _cmd_compare, "memory": _cmd_memory, "data": _cmd_data}
+    commands = {"train": _cmd_train, "compare": _cmd_compare, "sweep": _cmd_sweep, "plot": _cmd_plot,
+                "memory": _cmd_memory, "data": _cmd_data}
     try:
         return commands[args.command](args, extra)
     except (UsageError, ConfigError) as exc:
