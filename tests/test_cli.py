@@ -16,6 +16,7 @@ from sage_optim.optim.registry import available_optimizers, create_optimizer
 from sage_optim.train.metrics import read_metrics
 from sage_optim.train.model import build_meta_model, build_model
 from sage_optim.train.presets import get_preset
+from sage_optim.train.checkpoint import latest_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cc0-slice.jsonl.gz"
 
@@ -216,3 +217,36 @@ def test_sweep_picks_the_lowest_validation_loss_and_compare_uses_it(tmp_path, da
     assert main(["plot", str(out)]) == 0
     assert (out / "results.md").exists() and (out / "val_loss.png").exists()
     assert main(["compare", "--preset", "cpu-tiny", "--optimizers", "adamw", "--tuned", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nonfinite_loss_is_logged_and_never_reaches_the_weights(tmp_path, data_args, monkeypatch, capsys, policy):
+    """A NaN loss at step 4: "stop" saves the last good state and exits 1; "skip" drops that batch."""
+    import sage_optim.train.loop as loop
+
+    real_loss = loop._lm_loss
+    calls = {"n": 0}
+
+    def poisoned(model, x, y):
+        loss = real_loss(model, x, y)
+        if not model.training:  # evaluation batches are not counted
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 4 else loss  # the 4th micro-batch (step 4 with accum 1)
+
+    monkeypatch.setattr(loop, "_lm_loss", poisoned)
+    out = tmp_path / policy
+    code = main(["train", "--preset", "cpu-tiny", "--optimizer", "adamw", "--steps", "6", "--out", str(out),
+                 "--train.grad_accum_steps=1", "--train.log_every_steps=1", f"--train.nonfinite_loss={policy}",
+                 *data_args])
+    rows = read_metrics(out / "metrics.jsonl")
+    assert {"step": 4, "nonfinite_loss": True, "batches": [3, 3]} in rows
+    if policy == "stop":
+        assert code == 1 and "non-finite training loss at step 4" in one_line_error(capsys)
+        checkpoint = torch.load(latest_checkpoint(out), weights_only=False)
+        assert checkpoint["step"] == 3
+        assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    else:
+        assert code == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert math.isfinite(summary["val_loss"])

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 Precision = Literal["fp32", "bf16", "auto"]
+NonfiniteLoss = Literal["stop", "skip"]
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,9 @@ class TrainConfig:
     log_every_steps: int = 10
     stop_at_step: int | None = None
     """Save a checkpoint and exit once this many steps are done (the schedule still spans ``steps``)."""
+    nonfinite_loss: NonfiniteLoss = "stop"
+    """A NaN/Inf training loss: "stop" logs it, saves a checkpoint of the last good state and exits (code 1);
+    "skip" logs it and drops the batch (no optimizer update; the schedule moves on)."""
 
 
 @dataclass(kw_only=True, slots=True)

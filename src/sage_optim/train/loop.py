@@ -32,9 +32,13 @@ from .metrics import MetricsLog, Progress, peak_memory_bytes, perplexity, state_
 from .model import build_model, count_params, round_vocab
 from .schedule import warmup_cosine_scheduler
 
-__all__ = ["train", "setup_run", "evaluate", "resolve_device", "resolve_precision", "Run"]
+__all__ = ["train", "setup_run", "evaluate", "resolve_device", "resolve_precision", "Run", "NonFiniteLossError"]
 
 Log = Callable[[str], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss was NaN/Inf and ``train.nonfinite_loss`` is "stop" (a checkpoint was saved first)."""
 
 
 def _stderr(message: str) -> None:
@@ -282,12 +286,26 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
                 loss = _lm_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / accum).backward()
             loss_sum += loss.detach()
-        # 4) clip, step, advance the schedule, free the grads
+        # 4) a non-finite loss never reaches the weights: stop with a checkpoint, or drop the batch
+        if not bool(torch.isfinite(loss_sum)):
+            metrics.log({"step": it + 1, "nonfinite_loss": True, "batches": [it * accum, (it + 1) * accum - 1]})
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.train.nonfinite_loss == "stop":
+                clock["wall_s"] = time.perf_counter() - wall0
+                checkpoint(it)
+                progress.close()
+                metrics.close()
+                raise NonFiniteLossError(f"non-finite training loss at step {it + 1} (micro-batches "
+                                         f"{it * accum}..{(it + 1) * accum - 1}); checkpoint of the last good "
+                                         f"state (step {it}) in {out}; lower the lr or use --train.nonfinite_loss=skip")
+            scheduler.step()
+            continue
+        # 5) clip, step, advance the schedule, free the grads
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm or float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # 5) log; .item() synchronises a GPU, so the window's time includes its queued work
+        # 6) log; .item() synchronises a GPU, so the window's time includes its queued work
         step = it + 1
         logging = step % cfg.train.log_every_steps == 0 or step == cfg.train.steps
         row = {"step": step, "loss": loss_sum.item() / accum, "lr": lr, "grad_norm": grad_norm.item()} \
