@@ -213,7 +213,7 @@ def _llama_parity(*, tied: bool, steps: int = 5, verify: bool = False, hsdp: boo
     from torch.distributed.device_mesh import init_device_mesh
 
     from sage_optim import SinkSAGE
-    from sage_optim.distributed import apply_fsdp2, record_collectives, verify_step
+    from sage_optim.distributed import apply_fsdp2, record_collectives
 
     reference = _llama(tied)
     model = copy.deepcopy(reference)
@@ -222,8 +222,8 @@ def _llama_parity(*, tied: bool, steps: int = 5, verify: bool = False, hsdp: boo
     apply_fsdp2(model, mesh=mesh)
     opt_kwargs.setdefault("lr", 3e-3)
     ref_opt = SinkSAGE(reference, **opt_kwargs)
-    opt = SinkSAGE(model, **opt_kwargs)
-    verifier = verify_step(opt, every=1) if verify else None
+    opt = SinkSAGE(model, **opt_kwargs, verify_every=1 if verify else None)  # the constructor's self-check
+    verifier = opt.verifier
     collectives = []
     for step in range(steps):
         ids = _llama_batch(step)

@@ -254,3 +254,21 @@ def test_state_nbytes_matches_the_state_actually_allocated(info):
     opt.step()
     actual = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
     assert int(predicted) == actual == int(opt.state_nbytes())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
+def test_verify_every_is_validated_and_harmless_on_plain_tensors(info):
+    params = _params(info, dtype=torch.float32)
+    with pytest.raises(ValueError, match="verify_every must be None or an integer >= 1"):
+        info.make(params, verify_every=0)
+    opt = info.make(params, verify_every=1)  # nothing is sharded: nothing to check, nothing changes
+    reference = info.make([torch.nn.Parameter(p.detach().clone()) for p in params])
+    for optimizer in (opt, reference):
+        _set_grads(_all(optimizer), 0)
+        optimizer.step()
+    for p, q in zip(_all(opt), _all(reference)):
+        assert torch.equal(p, q)
+
+
+def _all(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -70,7 +70,7 @@ class RuleOptimizer(Optimizer):
 
     def __init__(self, params: Any, *, rule_defaults: dict[str, dict[str, Any]], allowed_rules: Iterable[str],
                  default_rule: Optional[str], foreach: Optional[bool], maximize: bool, nonfinite: str,
-                 compile: bool = False) -> None:
+                 compile: bool = False, verify_every: Optional[int] = None) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         if foreach is not None and not isinstance(foreach, bool):
@@ -79,6 +79,9 @@ class RuleOptimizer(Optimizer):
             raise TypeError(f"maximize must be True or False, got {maximize!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
+        if verify_every is not None and (isinstance(verify_every, bool) or not isinstance(verify_every, int)
+                                         or verify_every < 1):
+            raise ValueError(f"verify_every must be None or an integer >= 1, got {verify_every!r}")
         self._rule_defaults = rule_defaults
         self._allowed_rules = tuple(allowed_rules)
         self.nonfinite = nonfinite
@@ -89,6 +92,12 @@ class RuleOptimizer(Optimizer):
             raise TypeError("params must be an iterable of Tensors or dicts (param groups), not a single Tensor; "
                             "pass model.parameters() or [tensor]")
         super().__init__(params, defaults)
+        #: Self-check of sharded steps (see :func:`sage_optim.distributed.verify_step`); None when off.
+        self.verifier = None
+        if verify_every is not None:
+            from ..distributed.verify import verify_step
+
+            self.verifier = verify_step(self, every=verify_every)
 
     # ------------------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

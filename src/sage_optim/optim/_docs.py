@@ -10,7 +10,10 @@ COMMON_ARGS = r"""
             ``"skip"`` skips the whole step and counts it in ``optimizer.skipped_steps``.
         compile (bool): run each tensor's element-wise update as one ``torch.compile`` kernel (no full-size
             temporaries; hyperparameters enter as 0-D tensors so LR schedules do not recompile). Needs a
-            working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA). Default ``False``."""
+            working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA). Default ``False``.
+        verify_every (int | None): under FSDP2/DTensor sharding, every N steps gather one sharded parameter
+            and check that the sharded update equals the single-process one; raise ``RuntimeError`` naming
+            it otherwise (:func:`sage_optim.distributed.verify_step`). Default ``None`` (off)."""
 
 STATE_DTYPE_ARG = r"""
         state_dtype (torch.dtype | str | None): dtype of the momentum ``exp_avg``. ``None`` (default) keeps

@@ -62,7 +62,8 @@ class SinkSAGE(RuleOptimizer):
                  head: Union[nn.Module, Tensor, None] = None, rules: Optional[Mapping[str, RuleSpec]] = None,
                  code_compat: bool = False, instant_damper: bool = True, foreach: Optional[bool] = None,
                  maximize: bool = False, state_dtype: Union[torch.dtype, str, None] = None,
-                 nonfinite: str = "raise", compile: bool = False) -> None:
+                 nonfinite: str = "raise", compile: bool = False,
+                 verify_every: Optional[int] = None) -> None:
         if isinstance(model_or_param_groups, nn.Module):
             groups = partition(model_or_param_groups, rules, head=head).groups
         else:
@@ -84,4 +85,4 @@ class SinkSAGE(RuleOptimizer):
         }
         super().__init__(groups, rule_defaults=rule_defaults, allowed_rules=tuple(RULES), default_rule=None,
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
-                         compile=compile)
+                         compile=compile, verify_every=verify_every)
