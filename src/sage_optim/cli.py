@@ -66,6 +66,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, metavar="K", help="save a checkpoint and exit after step K")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--config", metavar="FILE", help="a .json or .toml config file (applied over the preset)")
+    par = p.add_mutually_exclusive_group()
+    par.add_argument("--fsdp", action="store_const", const="fsdp", dest="parallel",
+                     help="under torchrun: shard the model with FSDP2 (train.parallel=fsdp)")
+    par.add_argument("--ddp", action="store_const", const="ddp", dest="parallel",
+                     help="under torchrun: DistributedDataParallel (train.parallel=ddp)")
 
     p = sub.add_parser("compare", help="train several optimizers x seeds and tabulate the results",
                        description="Run every optimizer x seed in its own subdirectory of --out (runs with a "
@@ -179,7 +184,7 @@ def _build_config(args: argparse.Namespace, overrides: dict[str, str], opt_kwarg
         "optimizer": optimizer or getattr(args, "optimizer", None), "train.steps": args.steps,
         "optim.lr": getattr(args, "lr", None), "seed": getattr(args, "seed", None),
         "output.out_dir": args.out, "data.source": args.data, "train.precision": args.precision,
-        "train.stop_at_step": getattr(args, "stop_at", None),
+        "train.stop_at_step": getattr(args, "stop_at", None), "train.parallel": getattr(args, "parallel", None),
     }
     apply_overrides(cfg, {k: str(v) for k, v in named.items() if v is not None})
     apply_overrides(cfg, overrides)

@@ -38,6 +38,7 @@ __all__ = [
 
 Precision = Literal["fp32", "bf16", "auto"]
 NonfiniteLoss = Literal["stop", "skip"]
+ParallelMode = Literal["none", "ddp", "fsdp"]
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,9 @@ class TrainConfig:
     nonfinite_loss: NonfiniteLoss = "stop"
     """A NaN/Inf training loss: "stop" logs it, saves a checkpoint of the last good state and exits (code 1);
     "skip" logs it and drops the batch (no optimizer update; the schedule moves on)."""
+    parallel: ParallelMode = "none"
+    """Data parallelism under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard``);
+    each rank takes its share of every micro-batch's rows, so ``micro_batch_size`` is the global one."""
 
 
 @dataclass(kw_only=True, slots=True)

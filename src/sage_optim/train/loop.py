@@ -30,6 +30,7 @@ from .config import ConfigError, RunConfig, config_to_dict, validate
 from .data import WindowSampler, fixed_batches, load_corpus
 from .metrics import MetricsLog, Progress, peak_memory_bytes, perplexity, state_nbytes, write_json
 from .model import build_model, count_params, round_vocab
+from .parallel import Muted, Parallel, setup_parallel
 from .schedule import warmup_cosine_scheduler
 
 __all__ = ["train", "setup_run", "evaluate", "resolve_device", "resolve_precision", "Run", "NonFiniteLossError"]
@@ -156,6 +157,7 @@ class Run:
     sampler: Any
     val_batches: list[tuple[torch.Tensor, torch.Tensor]]
     checkpoint: dict[str, Any] | None  # the checkpoint being resumed from
+    par: Parallel  # this rank's part in a DDP/FSDP2 run ("none": the only process)
 
 
 def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Run:
@@ -180,10 +182,15 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
         raise ConfigError(f"train.stop_at_step={cfg.train.stop_at_step} is not after the checkpoint's step "
                           f"{ckpt['step']}")
     device = resolve_device(cfg.train.device)
+    par = setup_parallel(cfg.train.parallel, device, micro_batch_size=cfg.train.micro_batch_size)
+    device = par.device or device  # under torchrun, each rank's own GPU
+    log = log if par.is_main else Muted()
     cfg.train.device = str(device)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)  # type: ignore[assignment]
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
-    corpus = load_corpus(cfg.data.source, vocab_size=cfg.data.tokenizer_vocab_size, cache_dir=cache_dir, log=log)
+    with par.main_first():  # rank 0 fills the data cache, the others read it
+        corpus = load_corpus(cfg.data.source, vocab_size=cfg.data.tokenizer_vocab_size, cache_dir=cache_dir,
+                             log=log)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = round_vocab(corpus.vocab_size)
     elif cfg.model.vocab_size < corpus.vocab_size:
@@ -197,8 +204,9 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg.model, vocab_size=cfg.model.vocab_size, max_seq_len=cfg.data.seq_len, device=device)
+    model = par.wrap(model)  # DDP or FSDP2; the optimizer is built from the wrapped (sharded) parameters
     try:
-        optimizer = create_optimizer(cfg.optimizer, model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        optimizer = create_optimizer(cfg.optimizer, par.unwrap(model), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                      **cfg.optim.kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"optimizer {cfg.optimizer!r} rejected its options {cfg.optim.kwargs}: {exc}") from None
@@ -213,44 +221,51 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
     if ckpt is not None and ckpt_path is not None:
         _check_resumable(ckpt, config_to_dict(cfg), corpus.content_hash, ckpt_path)
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            par.load_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             sampler.load_state_dict(ckpt["sampler"])
         except (KeyError, ValueError, RuntimeError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run: {first_line}") from None
         _set_rng_state(ckpt["rng"], device)
-    return Run(cfg, device, corpus, model, optimizer, scheduler, sampler, val_batches, ckpt)
+    return Run(cfg, device, corpus, model, optimizer, scheduler, sampler, val_batches, ckpt, par)
 
 
 def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[str, Any] | None:
     """Train (or with ``resume``, continue) the run ``cfg`` describes.
 
     Writes ``config.json``, ``metrics.jsonl``, checkpoints and, at the end, ``summary.json`` under
-    ``cfg.output.out_dir``. Returns the summary, or ``None`` when it stopped at ``train.stop_at_step``.
+    ``cfg.output.out_dir``. Returns the summary, or ``None`` when it stopped at ``train.stop_at_step``
+    or on ranks other than 0 of a DDP/FSDP2 run (only rank 0 writes files and logs).
     """
     run = setup_run(cfg, resume=resume, log=log)
     cfg, device, model, optimizer, scheduler = run.cfg, run.device, run.model, run.optimizer, run.scheduler
-    precision, accum = cfg.train.precision, cfg.train.grad_accum_steps
+    precision, accum, par = cfg.train.precision, cfg.train.grad_accum_steps, run.par
     out = Path(cfg.output.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config_to_dict(cfg))
     start = run.checkpoint["step"] if run.checkpoint else 0
     clock = dict(run.checkpoint["clock"]) if run.checkpoint else {"wall_s": 0.0, "train_s": 0.0}
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
+    if par.is_main:  # only rank 0 writes files and prints
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config_to_dict(cfg))
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
+    else:
+        metrics, log = Muted(), Muted()
     log(f"run: {cfg.preset} / {cfg.optimizer} lr {cfg.optim.lr:g} seed {cfg.seed}: {count_params(model):,} "
         f"params, {cfg.tokens_per_step:,} tokens/step, {cfg.train.steps} steps, {device} {precision}"
-        + (f", resuming at step {start}" if resume else ""))
+        + (f", resuming at step {start}" if resume else "")
+        + (f", {cfg.train.parallel} over {par.world_size} ranks" if par.distributed else ""))
     if hasattr(optimizer, "partition"):
         log(str(optimizer.partition))
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(out, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "sampler": run.sampler.state_dict(), "rng": _rng_state(device), "config": config_to_dict(cfg),
-            "corpus_hash": run.corpus.content_hash, "clock": clock,
-        }, keep_last=cfg.output.keep_checkpoints)
+        model_state, optimizer_state = par.state_dicts(model, optimizer)  # full state dicts: every rank gathers
+        if par.is_main:
+            save_checkpoint(out, step, {
+                "model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "sampler": run.sampler.state_dict(), "rng": _rng_state(device), "config": config_to_dict(cfg),
+                "corpus_hash": run.corpus.content_hash, "clock": clock,
+            }, keep_last=cfg.output.keep_checkpoints)
+        par.barrier()  # the checkpoint is on disk before any rank goes on (or exits)
 
     def eval_row(step: int) -> float:
         val_loss = evaluate(model, run.val_batches, device=device, precision=precision)
@@ -258,7 +273,8 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
         progress.write(f"step {step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
         return val_loss
 
-    progress = Progress(total=cfg.train.steps, initial=start, every=cfg.train.log_every_steps)
+    progress = Progress(total=cfg.train.steps, initial=start, every=cfg.train.log_every_steps) \
+        if par.is_main else Muted()
     wall0 = time.perf_counter() - clock["wall_s"]
     window_steps, window_s = 0, 0.0
     model.train()
@@ -276,16 +292,19 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
                 progress.close()
                 metrics.close()
                 log(f"stopped at step {it}: checkpoint in {out}; continue with --resume")
+                par.close()
                 return None
         t0 = time.perf_counter()
         # 3) forward/backward over micro-batches; each loss is scaled so the grads average over them
+        #    (with DDP/FSDP2 each rank takes its rows of the micro-batch and the grads average over ranks)
         loss_sum = torch.zeros((), device=device)
         for _ in range(accum):
-            x, y = run.sampler.next_batch()
+            x, y = par.shard_rows(run.sampler.next_batch())
             with _autocast(device, precision):
                 loss = _lm_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             (loss / accum).backward()
             loss_sum += loss.detach()
+        loss_sum = par.mean(loss_sum)  # the global batch's loss, the same on every rank
         # 4) a non-finite loss never reaches the weights: stop with a checkpoint, or drop the batch
         if not bool(torch.isfinite(loss_sum)):
             metrics.log({"step": it + 1, "nonfinite_loss": True, "batches": [it * accum, (it + 1) * accum - 1]})
@@ -308,7 +327,7 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
         # 6) log; .item() synchronises a GPU, so the window's time includes its queued work
         step = it + 1
         logging = step % cfg.train.log_every_steps == 0 or step == cfg.train.steps
-        row = {"step": step, "loss": loss_sum.item() / accum, "lr": lr, "grad_norm": grad_norm.item()} \
+        row = {"step": step, "loss": loss_sum.item() / accum, "lr": lr, "grad_norm": par.scalar(grad_norm)} \
             if logging else None
         dt = time.perf_counter() - t0
         clock["train_s"] += dt
@@ -343,6 +362,11 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
                    "vocab_size": run.corpus.vocab_size},
         "torch": torch.__version__,
     }
+    if par.distributed:
+        summary["parallel"] = {"mode": cfg.train.parallel, "world_size": par.world_size}
+    par.close()
+    if not par.is_main:
+        return None  # rank 0 writes and returns the summary
     write_json(out / "summary.json", summary)
     log(f"done: val loss {val_loss:.4f} (ppl {summary['val_ppl']:.2f}), test loss {test_loss:.4f} "
         f"(ppl {summary['test_ppl']:.2f}), {summary['tokens_per_s']:,.0f} tokens/s; outputs in {out}")
