@@ -71,7 +71,7 @@ def test_sage_hybrid_trains_through_the_cli(tmp_path: Path, data_args: list[str]
     assert "embedding" in capsys.readouterr().err  # the partition table is printed at the start
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sage-hybrid"])
+@pytest.mark.parametrize("optimizer", available_optimizers())
 def test_stop_and_resume_gives_bitwise_the_same_losses(tmp_path: Path, data_args: list[str], optimizer: str) -> None:
     common = ["train", "--preset", "cpu-tiny", "--optimizer", optimizer, "--steps", "12",
               "--train.log_every_steps=1", "--eval.every_steps=4", "--output.checkpoint_every_steps=5", *data_args]
@@ -85,6 +85,22 @@ def test_stop_and_resume_gives_bitwise_the_same_losses(tmp_path: Path, data_args
     evals = [[(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / d / "metrics.jsonl") if "val_loss" in r]
              for d in ("whole", "parts")]
     assert evals[0] == evals[1] and [s for s, _ in evals[0]] == [0, 4, 8, 12]
+    # and the final parameters and optimizer state, bit for bit
+    finals = [torch.load(latest_checkpoint(tmp_path / d), weights_only=False) for d in ("whole", "parts")]
+    assert finals[0]["step"] == finals[1]["step"] == 12
+    for key, tensor in finals[0]["model"].items():
+        assert torch.equal(tensor, finals[1]["model"][key]), key
+    assert _bitwise_equal(finals[0]["optimizer"]["state"], finals[1]["optimizer"]["state"])
+
+
+def _bitwise_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_bitwise_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_bitwise_equal(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_config_errors_exit_2_with_one_line(tmp_path: Path, data_args: list[str],
