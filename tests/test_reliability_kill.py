@@ -58,3 +58,32 @@ def test_sigkill_at_random_moments_never_leaves_a_checkpoint_that_loads_wrong(tm
         resumed = _losses(out)
         assert resumed == reference, f"trial {trial}: resumed losses differ from the uninterrupted run"
     assert interrupted >= 2, f"only {interrupted} of 4 runs were killed mid-training: the test lost its teeth"
+
+
+def test_disk_full_during_a_save_is_one_clear_error_and_earlier_checkpoints_survive(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import sage_optim._atomic as atomic
+
+    real_replace = os.replace
+    saves = {"n": 0}
+
+    def full_disk_on_third_checkpoint(src, dst):
+        if str(dst).endswith(".pt"):
+            saves["n"] += 1
+            if saves["n"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", full_disk_on_third_checkpoint)
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "cpu-tiny", "--optimizer", "adamw", "--steps", "12", "--data", str(FIXTURE),
+                 f"--data.cache_dir={tmp_path / 'cache'}", "--output.checkpoint_every_steps=2",
+                 "--output.keep_checkpoints=5", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and "No space left on device" in err and "earlier checkpoints" in err
+    kept = list_checkpoints(out)
+    assert [p.name for p in kept] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    for path in kept:
+        load_checkpoint(path)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no temporary file left behind

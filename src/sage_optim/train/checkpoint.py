@@ -99,7 +99,11 @@ def save_checkpoint(out_dir: str | os.PathLike[str], step: int, payload: dict[st
     final = checkpoint_path(out, step)
     data = _encode({"format": FORMAT, "step": step, **payload})
     data["tensor_crc32"] = _tensor_crc32(data)
-    atomic_write(final, lambda f: torch.save(data, f))
+    try:
+        atomic_write(final, lambda f: torch.save(data, f))
+    except OSError as exc:  # disk full, quota, permissions: the earlier checkpoints are untouched
+        raise CheckpointError(f"could not write checkpoint {final} ({exc.strerror or exc}); earlier checkpoints "
+                              f"in {out} are intact: free space or pick another --out, then --resume") from exc
     # the directory entry itself must reach the disk too, or a crash can lose the rename
     dir_fd = os.open(out, os.O_RDONLY)
     try:
