@@ -266,3 +266,27 @@ def test_a_nonfinite_loss_is_logged_and_never_reaches_the_weights(tmp_path, data
         assert code == 0
         summary = json.loads((out / "summary.json").read_text())
         assert math.isfinite(summary["val_loss"])
+
+
+def test_a_loss_spike_is_logged_with_its_step_and_micro_batches(tmp_path, data_args, monkeypatch):
+    import sage_optim.train.loop as loop
+
+    real_loss = loop._lm_loss
+    calls = {"n": 0}
+
+    def spiky(model, x, y):
+        loss = real_loss(model, x, y)
+        if not model.training:
+            return loss
+        calls["n"] += 1
+        return loss * 10 if calls["n"] == 15 else loss  # step 15 with one micro-batch per step
+
+    monkeypatch.setattr(loop, "_lm_loss", spiky)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "cpu-tiny", "--optimizer", "sage-hybrid", "--steps", "16", "--out", str(out),
+                 "--train.grad_accum_steps=1", *data_args]) == 0
+    spikes = [r for r in read_metrics(out / "metrics.jsonl") if "loss_spike" in r]
+    assert [(r["step"], r["batches"]) for r in spikes] == [(15, [14, 14])]
+    assert spikes[0]["loss_spike"] > 3 * spikes[0]["loss_average"]
+    assert main(["train", "--preset", "cpu-tiny", "--out", str(tmp_path / "x"), "--train.spike_factor=0.5",
+                 *data_args]) == 2

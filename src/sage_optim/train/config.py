@@ -99,6 +99,8 @@ class TrainConfig:
     log_every_steps: int = 10
     stop_at_step: int | None = None
     """Save a checkpoint and exit once this many steps are done (the schedule still spans ``steps``)."""
+    spike_factor: float | None = 3.0
+    """Log a "loss_spike" row when a step's loss exceeds this multiple of its moving average (None: off)."""
     nonfinite_loss: NonfiniteLoss = "stop"
     """A NaN/Inf training loss: "stop" logs it, saves a checkpoint of the last good state and exits (code 1);
     "skip" logs it and drops the batch (no optimizer update; the schedule moves on)."""
@@ -378,6 +380,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.lr_floor_fraction must be in [0, 1], got {cfg.train.lr_floor_fraction!r}")
     if cfg.optim.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay!r}")
+    if cfg.train.spike_factor is not None and not cfg.train.spike_factor > 1.0:
+        raise ConfigError(f"train.spike_factor must be > 1 or none, got {cfg.train.spike_factor!r}")
     stop = cfg.train.stop_at_step
     if stop is not None and not 0 < stop <= cfg.train.steps:
         raise ConfigError(f"train.stop_at_step must be in 1..{cfg.train.steps} (train.steps), got {stop}")

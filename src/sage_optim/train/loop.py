@@ -28,7 +28,7 @@ from ..optim.registry import available_optimizers, create_optimizer, default_lr
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_to_dict, validate
 from .data import WindowSampler, fixed_batches, load_corpus
-from .metrics import MetricsLog, Progress, peak_memory_bytes, perplexity, state_nbytes, write_json
+from .metrics import MetricsLog, Progress, SpikeDetector, peak_memory_bytes, perplexity, state_nbytes, write_json
 from .model import build_model, count_params, round_vocab
 from .parallel import Muted, Parallel, setup_parallel
 from .schedule import warmup_cosine_scheduler
@@ -273,7 +273,8 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
         progress.write(f"step {step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
         return val_loss
 
-    progress = Progress(total=cfg.train.steps, initial=start, every=cfg.train.log_every_steps) \
+    progress = Progress(total=cfg.train.steps, initial=start, every=cfg.train.log_every_steps)
+    spikes = SpikeDetector(cfg.train.spike_factor) \
         if par.is_main else Muted()
     wall0 = time.perf_counter() - clock["wall_s"]
     window_steps, window_s = 0, 0.0
@@ -319,6 +320,12 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
                                          f"state (step {it}) in {out}; lower the lr or use --train.nonfinite_loss=skip")
             scheduler.step()
             continue
+        spiked_above = spikes.check(float(loss_sum) / accum)
+        if spiked_above is not None:
+            metrics.log({"step": it + 1, "loss_spike": float(loss_sum) / accum, "loss_average": spiked_above,
+                         "batches": [it * accum, (it + 1) * accum - 1]})
+            progress.write(f"step {it + 1}: loss spike {float(loss_sum) / accum:.4f} (moving average "
+                           f"{spiked_above:.4f}), micro-batches {it * accum}..{(it + 1) * accum - 1}")
         # 5) clip, step, advance the schedule, free the grads
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm or float("inf"))
         optimizer.step()

@@ -125,3 +125,24 @@ def _tensor_state_nbytes(optimizer: torch.optim.Optimizer) -> int:
 def tensor_nbytes(state: dict[str, Any]) -> int:
     """Bytes of the tensors in one parameter's optimizer state."""
     return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class SpikeDetector:
+    """Flags a finite training loss above ``factor`` × its exponential moving average (after ``warmup`` steps).
+
+    Spikes are logged, not acted on: the step still trains (a NaN/Inf loss is ``train.nonfinite_loss``'s job).
+    """
+
+    def __init__(self, factor: float | None, *, decay: float = 0.9, warmup: int = 10) -> None:
+        self.factor, self.decay, self.warmup = factor, decay, warmup
+        self.average: float | None = None
+        self.seen = 0
+
+    def check(self, loss: float) -> float | None:
+        """Update with this step's loss; return the running average it spiked above, or None."""
+        spiked = (self.factor is not None and self.average is not None and self.seen >= self.warmup
+                  and loss > self.factor * self.average)
+        previous = self.average
+        self.average = loss if self.average is None else self.decay * self.average + (1 - self.decay) * loss
+        self.seen += 1
+        return previous if spiked else None
