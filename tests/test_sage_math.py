@@ -1,7 +1,6 @@
 """SAGE and Lion against the float64 transcription of SPEC §2, plus the rule's properties."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

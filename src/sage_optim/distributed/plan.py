@@ -12,14 +12,10 @@ from typing import Optional
 import torch
 from torch.optim import Optimizer
 
-from ..functional._common import chunks_by_numel, group_by_key
+from ..functional._common import chunks_by_numel, compute_dtype, group_by_key
 from ._collectives import Collective
 
 __all__ = ["plan_collectives"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _sage_statistic_dtype(param_dtype: torch.dtype, ndim: int) -> torch.dtype:
@@ -27,7 +23,7 @@ def _sage_statistic_dtype(param_dtype: torch.dtype, ndim: int) -> torch.dtype:
     from ..functional.sage import _local_statistic
 
     grad = torch.zeros((1, 1) if ndim >= 2 else (1,), dtype=param_dtype)
-    col_ema = torch.zeros(1, dtype=torch.float64 if param_dtype == torch.float64 else torch.float32)
+    col_ema = torch.zeros(1, dtype=compute_dtype(param_dtype))
     return _local_statistic(grad, col_ema, 1.0, 0.5).dtype
 
 
@@ -63,13 +59,13 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None) ->
             cols = [math.prod(p.shape[1:]) for p in params]
             if not batched:
                 for p, m in zip(params, cols):
-                    plan.extend(Collective("all_reduce", m, _compute_dtype(p.dtype), "mesh") for _ in range(iters))
+                    plan.extend(Collective("all_reduce", m, compute_dtype(p.dtype), "mesh") for _ in range(iters))
                 continue
             numels = [p.numel() for p in params]
             budget = max(numels, default=0)
             kinds = group_by_key(range(len(params)), lambda i: (params[i].shape[0], cols[i], params[i].dtype))
             for indices in kinds.values():
                 for chunk in chunks_by_numel(indices, numels, budget):
-                    m, dtype = cols[chunk[0]], _compute_dtype(params[chunk[0]].dtype)
+                    m, dtype = cols[chunk[0]], compute_dtype(params[chunk[0]].dtype)
                     plan.extend(Collective("all_reduce", len(chunk) * m, dtype, "mesh") for _ in range(iters))
     return plan

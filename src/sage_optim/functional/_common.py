@@ -12,14 +12,14 @@ from torch import Tensor
 AllReduceSum = Callable[[list[Tensor]], None]
 
 
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype the statistics are computed in: float64 stays float64, everything else float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype work on a tensor of ``dtype`` is done in: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def as_compute(t: Tensor) -> Tensor:
     """``t`` in its compute dtype, without a copy when it already is."""
-    return t.to(compute_dtype(t))
+    return t.to(compute_dtype(t.dtype))
 
 
 def group_by_key(indices: Sequence[int], key: Callable[[int], object]) -> dict[object, list[int]]:

@@ -5,8 +5,7 @@ tests foreach/fused against its for-loop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor

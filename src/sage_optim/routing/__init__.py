@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["Role", "classify", "partition", "Partition", "PartitionRow", "PartitionReport", "DEFAULT_RULES",
