@@ -207,8 +207,10 @@ def test_help_bench_hook_and_module_entry_point(capsys: pytest.CaptureFixture[st
                     ["data", "prepare", "--help"]):
         assert main(command) == 0
     capsys.readouterr()
-    assert main(["bench"]) == 2
-    assert "not implemented yet: see benchmarks/" in capsys.readouterr().err
+    assert main(["bench", "--help"]) == 0
+    assert "x fused AdamW" in capsys.readouterr().out
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be ≥ 1" in capsys.readouterr().err
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     done = subprocess.run([sys.executable, "-m", "sage_optim", "train", "--train.steps=x"], capture_output=True,
                           text=True, env=env, timeout=120)

@@ -22,6 +22,43 @@ def as_compute(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t.dtype))
 
 
+#: Elements per block of the blocked element-wise passes: small enough that a block's temporaries stay
+#: in a core's L2 cache (1 MiB in float32), large enough that per-op overhead is a few percent.
+BLOCK_NUMEL = 1 << 18
+
+
+class Workspace:
+    """Flat scratch buffers, one per (dtype, device), reused by every tensor of one ``step()`` call.
+
+    A fresh full-size temporary per tensor costs page faults on CPU (measured at 3x the time of the op
+    it feeds); one buffer per call, grown to the largest request, costs them once.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def take(self, numel: int, like: Tensor) -> Tensor:
+        """``numel`` elements of scratch in ``like``'s dtype and device (contents undefined)."""
+        key = (like.dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)  # free the smaller buffer before allocating its replacement
+            buffer = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel]
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """A 2-D view: (dim 0, rest) for ndim ≥ 2, (1, numel) for vectors and scalars (a copy if not contiguous)."""
+    return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(1, -1)
+
+
+def row_blocks(rows: int, cols: int, block_numel: int = BLOCK_NUMEL) -> Iterator[slice]:
+    """Consecutive slices of dim 0 holding about ``block_numel`` elements each (at least one row)."""
+    per_block = max(1, block_numel // max(cols, 1))
+    for start in range(0, rows, per_block):
+        yield slice(start, min(start + per_block, rows))
+
+
 def group_by_key(indices: Sequence[int], key: Callable[[int], object]) -> dict[object, list[int]]:
     """Indices grouped by ``key(i)``, groups in first-seen order (deterministic)."""
     groups: dict[object, list[int]] = defaultdict(list)

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._common import as_rows
+
 
 def _sage_elementwise(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Tensor, lr: Tensor,
                       weight_decay: Tensor, beta1: Tensor, beta2: Tensor, code_compat: bool) -> None:
@@ -52,11 +54,6 @@ def _compiled(name: str, variant: tuple) -> Callable[..., None]:
             compiled_fn(*args)
 
     return call
-
-
-def as_rows(t: Tensor) -> Tensor:
-    """A 2-D view: (dim 0, rest) for ndim ≥ 2, (1, numel) for vectors and scalars."""
-    return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(1, -1)
 
 
 def sage_update(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _compiled
-from ._common import AllReduceSum, as_compute, chunks_by_numel, group_by_key
+from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, row_blocks
 
 __all__ = ["sage", "column_abs_mean"]
 
@@ -41,20 +41,27 @@ def column_abs_mean(grad: Tensor) -> Tensor:
 
 
 def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
-                     global_rows: Optional[int] = None) -> Tensor:
+                     global_rows: Optional[int] = None, scratch: Optional[Workspace] = None) -> Tensor:
     """What this process can compute alone, and what must be summed across shards (float64).
 
     Matrices: this shard's part of the column means of |g| (Σ_local |g| / global rows).  Vectors: the
     EMA is element-wise, so it is updated here, and the two sums of squares (of Ŝ and of s) behind σ
     and γ are returned.
     """
-    # note: |g| is divided by the row count before summing, so the column sum (≤ the largest |g|) cannot
-    # overflow; the sum itself runs in the gradient's dtype (a float64-accumulating column sum is ~10×
-    # slower on CPU) and the O(d) results are widened to float64 for everything after.
     g = as_compute(grad)
     if g.ndim >= 2:
         rows = g.shape[0] if global_rows is None else global_rows
-        return g.abs().div_(max(rows, 1)).sum(0).to(torch.float64)
+        matrix = as_rows(g)
+        total = torch.zeros(matrix.shape[1], dtype=torch.float64, device=g.device)
+        # note: |g| is divided by the row count before summing, so a block's column sum (≤ the largest
+        # |g|) cannot overflow; blocks are summed in the gradient's dtype (a float64-accumulating sum is
+        # ~10x slower on CPU) into a float64 total, through one cache-sized scratch block.
+        scratch = scratch if scratch is not None else Workspace()
+        for block in row_blocks(*matrix.shape):
+            part = scratch.take(matrix[block].numel(), g).view(-1, matrix.shape[1])
+            torch.abs(matrix[block], out=part).div_(max(rows, 1))
+            total += part.sum(0)
+        return total.reshape(g.shape[1:])
     abs_grad = g.abs()
     col_ema.lerp_(abs_grad.to(col_ema.dtype), 1 - beta2)
     ema_hat = col_ema.double() / (1 - beta2**step)
@@ -88,13 +95,14 @@ def _damper(grad: Tensor, col_ema: Tensor, statistic: Tensor, global_shape: Sequ
 def _dampers(grads: list[Tensor], col_emas: list[Optional[Tensor]], state_steps: list[Tensor], *, damper: bool,
              beta2: float, eps: float, instant_damper: bool, all_reduce: Optional[AllReduceSum],
              sharded: Optional[Sequence[bool]],
-             global_shapes: Optional[Sequence[Sequence[int]]]) -> list[Optional[Tensor]]:
+             global_shapes: Optional[Sequence[Sequence[int]]],
+             scratch: Optional[Workspace] = None) -> list[Optional[Tensor]]:
     """H_t of every parameter (``None`` each when ``damper=False``: Lion), after the step counts were advanced."""
     if not damper:
         return [None] * len(grads)
     steps = [float(s) for s in state_steps]
     shapes = global_shapes if global_shapes is not None else [g.shape for g in grads]
-    statistics = [_local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1)
+    statistics = [_local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1, scratch)
                   for g, s, t, shape in zip(grads, col_emas, steps, shapes)]
     if all_reduce is not None and sharded is not None:
         to_reduce = [x for x, is_sharded in zip(statistics, sharded) if is_sharded]
@@ -106,20 +114,17 @@ def _dampers(grads: list[Tensor], col_emas: list[Optional[Tensor]], state_steps:
     ]
 
 
-def _lerp_state_(state: Tensor, grad: Tensor, weight: float) -> None:
+def _lerp_state_(state: Tensor, grad: Tensor, weight: float, scratch: Optional[Tensor] = None) -> None:
     """``state ← (1 − w)·state + w·g`` computed in the gradient's compute precision.
 
-    Lower-precision state (bf16 momentum) is widened for the update and rounded to nearest on store.
+    Lower-precision state (bf16 momentum) is widened for the update (into ``scratch`` when given) and
+    rounded to nearest on store.
     """
     if state.dtype == grad.dtype:
         state.lerp_(grad, weight)
-    else:
-        state.copy_(state.to(grad.dtype).lerp_(grad, weight))
-
-
-def _direction(exp_avg: Tensor, grad: Tensor, beta1: float) -> Tensor:
-    """sign(β1·m + (1 − β1)·g), a fresh tensor in the gradient's compute dtype."""
-    return torch.lerp(exp_avg.to(grad.dtype), grad, 1 - beta1).sign_()
+        return
+    wide = scratch.copy_(state) if scratch is not None else state.to(grad.dtype)
+    state.copy_(wide.lerp_(grad, weight))
 
 
 def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -131,13 +136,16 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     grads = [as_compute(-g if maximize else g) for g in grads]
     for step in state_steps:
         step += 1
+    scratch = Workspace()
     dampers = _dampers(grads, col_emas, state_steps, damper=damper, beta2=beta2, eps=eps,
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
-                       global_shapes=global_shapes)
-    update = _compiled.sage_update if compiled else _update_one
+                       global_shapes=global_shapes, scratch=scratch)
     for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
-        update(param, grad, exp_avg, h, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
-                    code_compat=code_compat)
+        hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
+        if compiled:
+            _compiled.sage_update(param, grad, exp_avg, h, **hparams)
+        else:
+            _update_one(param, grad, exp_avg, h, scratch=scratch, **hparams)
 
 
 def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -186,18 +194,45 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 
 
 def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,
-                weight_decay: float, beta1: float, beta2: float, code_compat: bool) -> None:
-    """The element-wise part of one parameter's step: decay, signed direction times H, momentum."""
+                weight_decay: float, beta1: float, beta2: float, code_compat: bool,
+                scratch: Optional[Workspace] = None) -> None:
+    """The element-wise part of one parameter's step: decay, signed direction times H, momentum.
+
+    Runs over row blocks of about ``BLOCK_NUMEL`` elements with one cache-sized scratch block for the
+    direction, so θ, g and m are each read once and θ, m written once from memory, and the step holds
+    no full-size temporary. Non-contiguous tensors (no 2-D view) are done whole.
+    """
+    hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
+    if not (param.is_contiguous() and exp_avg.is_contiguous()):
+        h = None if damper is None else damper.expand_as(grad)
+        _update_block(param, grad, exp_avg, h, torch.empty_like(grad), **hparams)
+        return
+    p, g, m = as_rows(param), as_rows(grad), as_rows(exp_avg)
+    h = None if damper is None else damper.reshape(1, -1)  # broadcast over the rows of a block
+    scratch = scratch if scratch is not None else Workspace()
+    for block in row_blocks(*g.shape):
+        direction = scratch.take(g[block].numel(), g).view(-1, g.shape[1])
+        _update_block(p[block], g[block], m[block], h, direction, **hparams)
+
+
+def _update_block(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], direction: Tensor, *,
+                  lr: float, weight_decay: float, beta1: float, beta2: float, code_compat: bool) -> None:
+    """θ·(1 − ηλ) − η·sign(β1·m + (1 − β1)·g)·H and m's update on one block, ``direction`` as scratch."""
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     if code_compat:
-        _lerp_state_(exp_avg, grad, 1 - beta2)
-    direction = _direction(exp_avg, grad, beta1)
-    if not code_compat:
-        _lerp_state_(exp_avg, grad, 1 - beta2)
-    if damper is not None:
-        direction.mul_(damper)
-    param.add_(direction, alpha=-lr)
+        _lerp_state_(exp_avg, grad, 1 - beta2, scratch=direction)
+    if exp_avg.dtype == grad.dtype:
+        torch.lerp(exp_avg, grad, 1 - beta1, out=direction)
+    else:  # low-precision momentum: widened into the scratch block
+        direction.copy_(exp_avg).lerp_(grad, 1 - beta1)
+    direction.sign_()
+    if damper is None:
+        param.add_(direction, alpha=-lr)
+    else:
+        param.addcmul_(direction, damper, value=-lr)
+    if not code_compat:  # after θ's update, so that a widened momentum can reuse the scratch block
+        _lerp_state_(exp_avg, grad, 1 - beta2, scratch=direction)
 
 
 def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_emas: list[Optional[Tensor]],

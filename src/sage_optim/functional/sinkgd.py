@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _compiled
-from ._common import AllReduceSum, as_compute, chunks_by_numel, group_by_key
+from ._common import AllReduceSum, Workspace, as_compute, chunks_by_numel, group_by_key
 
 __all__ = ["sinkgd", "sinkhorn_scalings", "max_abs", "NORMALIZATIONS"]
 
@@ -60,7 +60,8 @@ def _limit(dtype: torch.dtype, length: int) -> float:
 
 def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization: Normalization,
                       global_rows: int, all_reduce: Optional[AllReduceSum] = None,
-                      grad_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                      grad_scale: Optional[Tensor] = None, squares_of_grad: bool = False,
+                      row_sums: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The row and column scalings r, c with X = diag(r)·(G/s)·diag(c), from ``squares`` = (G/s) ⊙ (G/s).
 
     ``squares`` is (n, m) or a stack (b, n, m) of same-shape matrices; r is (…, n), c is (…, m), both
@@ -68,58 +69,113 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
     keeps Q finite for any finite G, and ε/s in the first row step makes the result that of G, ε included.
     ``global_rows`` is n of the unsharded matrix (used by "sr"); ``all_reduce`` sums the column
     statistics across the shards of dim 0 (None when the matrix is whole).
+    ``squares_of_grad``: ``squares`` holds G ⊙ G itself (every entry ≤ 1) and each mat-vec is divided by
+    s² in float64 — the same computation for G/s without a pass over the matrix to form it.
+    ``row_sums``: ``squares.sum(-1)`` when the caller already has it (the first row step's mat-vec).
     """
     *batch, n, m = squares.shape
     vector = dict(dtype=torch.float64, device=squares.device)
-    rows = torch.ones(*batch, n, **vector)
-    cols = torch.ones(*batch, m, **vector)
+    if iters == 0:
+        return torch.ones(*batch, n, **vector), torch.ones(*batch, m, **vector)
     # note: the first row step sees ‖G_i/s‖ = ‖G_i‖/s, so ε/s there makes the result exactly that of G
     # (afterwards X is normalised and scale-free); this is starting r at s without overflowing r·‖…‖.
     first_eps: Union[float, Tensor] = eps
     if grad_scale is not None:
         first_eps = eps / grad_scale.to(torch.float64).reshape(*batch, 1)  # broadcasts over each row vector
+    unscale: Optional[Tensor] = None
+    if squares_of_grad:
+        if grad_scale is None:
+            raise ValueError("squares_of_grad=True needs grad_scale (the s with squares = s² · (G/s)²)")
+        unscale = grad_scale.to(torch.float64).reshape(*batch, 1).square()
+
+    def norms(sums: Tensor) -> Tensor:  # sqrt of a mat-vec's sums of squares, in float64, as a new tensor
+        wide = sums.to(torch.float64, copy=True)
+        return (wide.div_(unscale) if unscale is not None else wide).sqrt_()
+
     row_target = math.sqrt(m) if normalization == "sr" else 1.0
     col_target = math.sqrt(global_rows) if normalization == "sr" else 1.0
     # note: an all-zero row (or column) makes its scaling grow by 1/ε per iteration while X's row stays 0;
     # capping the scalings keeps every product and mat-vec finite (0 · cap = 0, never 0 · inf = NaN).
     row_cap, col_cap = math.sqrt(_limit(squares.dtype, n)), math.sqrt(_limit(squares.dtype, m))
+    rows = cols = None
     for iteration in range(iters):
-        col_weights = (cols * cols).to(squares.dtype)
-        row_sq = torch.matmul(squares, col_weights.unsqueeze(-1)).squeeze(-1)
-        rows = rows / (rows * row_sq.to(torch.float64).sqrt() + (first_eps if iteration == 0 else eps)) * row_target
-        rows = rows.clamp_(max=row_cap)
-        row_weights = (rows * rows).to(squares.dtype)
-        col_sq = torch.matmul(row_weights.unsqueeze(-2), squares).squeeze(-2)
+        # r ← r / (r ⊙ ‖row of Q·c²‖ + ε) · target, starting from r = c = 1 (written in place: the
+        # vector work is most of a small matrix's step)
+        if cols is None:
+            rows = norms(row_sums if row_sums is not None else squares.sum(-1)).add_(first_eps).reciprocal_()
+        else:
+            row_sq = torch.matmul(squares, cols.square().to(squares.dtype).unsqueeze(-1)).squeeze(-1)
+            rows = rows.div_(norms(row_sq).mul_(rows).add_(eps))
+        if row_target != 1.0:
+            rows.mul_(row_target)
+        rows.clamp_(max=row_cap)
+        col_sq = torch.matmul(rows.square().to(squares.dtype).unsqueeze(-2), squares).squeeze(-2)
         if all_reduce is not None:
             all_reduce([col_sq])
-        cols = (cols / (cols * col_sq.to(torch.float64).sqrt() + eps) * col_target).clamp_(max=col_cap)
+        if cols is None:
+            cols = norms(col_sq).add_(eps).reciprocal_()
+        else:
+            cols = cols.div_(norms(col_sq).mul_(cols).add_(eps))
+        if col_target != 1.0:
+            cols.mul_(col_target)
+        cols.clamp_(max=col_cap)
     return rows, cols
+
+
+#: Squares of a gradient whose largest row sum s² is in this range are used as they are (no G/s pass):
+#: entries ≤ 1 keep the overflow caps valid, and an entry underflows only when it is below 2⁻³³·s.
+_RAW_SQUARES_RANGE = (2.0**-60, 1.0)
+
+
+def _squares_into(out: Tensor, grad: Tensor) -> tuple[Tensor, bool, Optional[Tensor]]:
+    """Fill ``out`` with G ⊙ G, or with (G/s) ⊙ (G/s) when G's range needs it.
+
+    Returns (s, squares_of_grad, row sums of ``out`` or None). On the raw path s² is the largest row
+    sum of G ⊙ G (any s with entries of G/s ≤ 1 gives the same X; this one costs no extra pass).
+    """
+    torch.mul(grad, grad, out=out)
+    if out.device.type == "cpu" and out.numel():  # note: reading the peak is a device sync, free on CPU only
+        row_sums = out.sum(-1)
+        peak = row_sums.max()
+        if _RAW_SQUARES_RANGE[0] <= float(peak) <= _RAW_SQUARES_RANGE[1]:
+            return peak.to(torch.float64).sqrt(), True, row_sums
+    grad_scale = max_abs(grad)
+    torch.div(grad, grad_scale, out=out).square_()
+    return grad_scale, False, None
 
 
 def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
                           iters: int, scale: float, normalization: Normalization, eps: float, maximize: bool,
                           all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
                           global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False) -> None:
+    step_size = -lr * scale * (-1.0 if maximize else 1.0)
+    scratch = Workspace()  # one matrix-sized buffer for the whole call: Q, then X / r, of each matrix
     for i, (param, grad) in enumerate(zip(params, grads)):
         g = _as_matrix(as_compute(grad))
-        grad_scale = max_abs(g)
-        work = torch.div(g, grad_scale).square_()  # Q of G/s; its buffer is reused for X (one temporary)
+        work = scratch.take(g.numel(), g).view(g.shape)
+        grad_scale, squares_of_grad, row_sums = _squares_into(work, g)
         reduce = all_reduce if (sharded is not None and sharded[i]) else None
         n_global = global_shapes[i][0] if global_shapes is not None else g.shape[0]
         rows, cols = sinkhorn_scalings(work, iters=iters, eps=eps, normalization=normalization,
-                                       global_rows=n_global, all_reduce=reduce, grad_scale=grad_scale)
-        row_factor, col_factor = rows.to(g.dtype), cols.to(g.dtype)
+                                       global_rows=n_global, all_reduce=reduce, grad_scale=grad_scale,
+                                       squares_of_grad=squares_of_grad, row_sums=row_sums)
         if compiled:
-            del work
-            _compiled.sinkgd_update(param, g, grad_scale, row_factor, col_factor, lr=lr, weight_decay=weight_decay,
-                                    step_scale=scale * (-1.0 if maximize else 1.0))
+            _compiled.sinkgd_update(param, g, grad_scale.to(g.dtype), rows.to(g.dtype), cols.to(g.dtype), lr=lr,
+                                    weight_decay=weight_decay, step_scale=scale * (-1.0 if maximize else 1.0))
             continue
-        # X = diag(r)·(G/s)·diag(c), written over Q: no second temporary
-        torch.div(g, grad_scale, out=work).mul_(row_factor.unsqueeze(-1)).mul_(col_factor)
+        # X = diag(r)·(G/s)·diag(c): (G·diag(c)) into the buffer, then θ += step · (r/s) ⊙ that, by row
+        if squares_of_grad:  # s ≥ 2⁻³⁰ here, so r/s stays finite
+            torch.mul(g, cols.to(g.dtype), out=work)
+            row_factor = (rows / grad_scale).to(g.dtype)
+        else:
+            torch.div(g, grad_scale, out=work).mul_(cols.to(g.dtype))
+            row_factor = rows.to(g.dtype)
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
-        step_size = -lr * scale * (-1.0 if maximize else 1.0)
-        param.add_(work.view_as(param), alpha=step_size)
+        if param.is_contiguous():
+            param.view(g.shape).addcmul_(work, row_factor.unsqueeze(-1), value=step_size)
+        else:
+            param.add_(work.mul_(row_factor.unsqueeze(-1)).view_as(param), alpha=step_size)
 
 
 def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int,
