@@ -39,6 +39,16 @@ class StateBytes(int):
         obj.by_role, obj.by_rule = by_role, by_rule
         return obj
 
+    @classmethod
+    def from_report(cls, report: PartitionReport) -> "StateBytes":
+        """Totals of a partition table's ``state_bytes`` column, by role and by rule."""
+        by_role: dict[str, int] = {}
+        by_rule: dict[str, int] = {}
+        for row in report.rows:
+            by_role[row.role] = by_role.get(row.role, 0) + row.state_bytes
+            by_rule[row.rule] = by_rule.get(row.rule, 0) + row.state_bytes
+        return cls(sum(by_rule.values()), by_role, by_rule)
+
     @property
     def total(self) -> int:
         return int(self)

@@ -13,9 +13,23 @@ Notes on choices the paper leaves open (documented, not silent):
   matrices and AdamW elsewhere, one lr (1e-3, not from the paper, which has no Muon run).
 * ``lion-hybrid`` keeps SAGE-hybrid's dense part (SinkGD uniform, scale 10, lr 2e-3) and gives the
   Lion groups ``embed_lr`` (default: Lion's paper lr 1e-4).
+* ``apollo`` is APOLLO-Mini from the optional ``apollo-torch`` package (1.0.3): rank-1 random projection,
+  tensor-wise scaling, scale 128 (its README's APOLLO-Mini value), projection gap 200, for the hidden
+  (attention and MLP) matrices; apollo-torch's AdamW for embeddings, head and vectors. lr 1e-4 is the
+  paper's APOLLO lr (SPEC §5); APOLLO's own README uses 1e-2 for its C4 runs. State is counted from
+  shapes (apollo-torch cannot step on the meta device: it draws its projection from a device RNG).
+* ``adam-mini`` is Adam-mini from the optional ``adam-mini`` package (1.1.1), with dim / n_heads /
+  n_kv_heads from the model's Hugging Face config (or ``dim=``, ``n_heads=``, ``n_kv_heads=``). The
+  paper has no Adam-mini run; its README says to use AdamW's hyperparameters, so lr 1e-4, betas
+  (0.9, 0.999), eps 1e-8. It exempts norm gains and biases from weight decay (its rule, kept).
+* Both come with ``pip install "sage-optim[baselines]"`` and are imported only when built; without the
+  package, building one raises an ``ImportError`` naming the extra (:func:`unavailable_reason` says so
+  without building).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -25,7 +39,8 @@ from torch import nn
 from .hybrid import SinkSAGE
 from .sage import Lion
 
-__all__ = ["create_optimizer", "available_optimizers", "default_lr", "RegistryEntry", "REGISTRY"]
+__all__ = ["create_optimizer", "available_optimizers", "default_lr", "unavailable_reason", "RegistryEntry",
+           "REGISTRY"]
 
 _NON_DENSE = ("embedding", "head", "vector")
 
@@ -36,6 +51,8 @@ class RegistryEntry:
     factory: Callable[..., torch.optim.Optimizer]
     default_lr: float
     description: str
+    #: top-level modules of optional packages the factory imports (checked by :func:`unavailable_reason`)
+    requires: tuple[str, ...] = ()
 
 
 def _adamw(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
@@ -86,6 +103,14 @@ def _muon_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any)
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
 
 
+def _apollo(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    return _optional_module("apollo", "._apollo").Apollo(model, lr=lr, weight_decay=weight_decay, **kw)
+
+
+def _adam_mini(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+    return _optional_module("adam-mini", "._adam_mini").AdamMini(model, lr=lr, weight_decay=weight_decay, **kw)
+
+
 REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
     RegistryEntry("adamw", _adamw, 1e-4, "torch.optim.AdamW, betas (0.9, 0.999)"),
     RegistryEntry("lion", _lion, 1e-4, "Lion on every parameter"),
@@ -96,7 +121,14 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
     RegistryEntry("sage-hybrid", _sage_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + SAGE embedding/head/vectors"),
     RegistryEntry("muon-hybrid", _muon_hybrid, 1e-3, "torch Muon (match_rms_adamw) hidden + AdamW embedding/head/vectors"),
     RegistryEntry("sage-hybrid-bf16", _sage_hybrid_bf16, 2e-3, "sage-hybrid with bf16 momentum (round to nearest)"),
+    RegistryEntry("apollo", _apollo, 1e-4, "APOLLO-Mini (apollo-torch: rank 1, tensor-wise, scale 128) hidden + "
+                  "AdamW embedding/head/vectors", requires=("apollo_torch", "bitsandbytes", "transformers", "numpy")),
+    RegistryEntry("adam-mini", _adam_mini, 1e-4, "Adam-mini (adam-mini): one second moment per head/row/tensor",
+                  requires=("adam_mini",)),
 ]}
+
+_EXTRA = 'pip install "sage-optim[baselines]"'
+_PACKAGE_OF = {"apollo_torch": "apollo-torch", "adam_mini": "adam-mini"}
 
 
 def available_optimizers() -> list[str]:
@@ -106,6 +138,24 @@ def available_optimizers() -> list[str]:
 
 def default_lr(name: str) -> float:
     return _entry(name).default_lr
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why optimizer ``name`` cannot be built here (an optional package is missing), or ``None`` if it can.
+
+    Only looks the packages up (``importlib.util.find_spec``); nothing is imported.
+    """
+    missing = [_PACKAGE_OF.get(m, m) for m in _entry(name).requires if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return f"needs the optional package{'s' if len(missing) > 1 else ''} {', '.join(missing)}: {_EXTRA}"
+
+
+def _optional_module(name: str, module: str) -> Any:
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise ImportError(f"optimizer {name!r} is not available: {reason}")
+    return importlib.import_module(module, __package__)
 
 
 def _entry(name: str) -> RegistryEntry:

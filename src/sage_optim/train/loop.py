@@ -210,6 +210,8 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
                                      **cfg.optim.kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"optimizer {cfg.optimizer!r} rejected its options {cfg.optim.kwargs}: {exc}") from None
+    except ImportError as exc:  # an optional baseline (apollo, adam-mini) whose package is not installed
+        raise ConfigError(str(exc)) from None
     scheduler = warmup_cosine_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.train.steps,
                                         floor_fraction=cfg.train.lr_floor_fraction)
     sampler = WindowSampler(corpus.train, seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size,
