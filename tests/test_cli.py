@@ -157,13 +157,26 @@ def test_memory_json_has_one_object_per_optimizer(capsys: pytest.CaptureFixture[
     rows = json.loads(capsys.readouterr().out)
     assert [r["optimizer"] for r in rows] == available_optimizers()
     by_name = {r["optimizer"]: r for r in rows}
-    assert all(isinstance(r["state_bytes"], int) and sum(r["by_role"].values()) == r["state_bytes"] for r in rows)
+    assert all(isinstance(r["state_bytes"], int) and sum(r["by_role"].values()) == r["state_bytes"] for r in rows
+               if unavailable_reason(r["optimizer"]) is None)
     assert by_name["adamw"]["params"] == 1_339_082_752
     # AdamW keeps two fp32 moments per parameter (+ a 4-byte step per tensor)
     assert 8 * 1_339_082_752 <= by_name["adamw"]["state_bytes"] < 8 * 1_339_082_752 + 4096
     assert by_name["sage-hybrid"]["state_bytes"] < 0.1 * by_name["adamw"]["state_bytes"]
     assert main(["memory", "--model", "cpu-tiny"]) == 0
     assert "sage-hybrid" in capsys.readouterr().out
+
+
+def test_memory_shows_a_baseline_whose_package_is_missing_as_not_available(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "adam_mini", None)  # import and find_spec both see it as not installed
+    assert main(["memory", "--model", "cpu-tiny", "--json", "--optimizers", "adamw", "adam-mini"]) == 0
+    adamw, missing = json.loads(capsys.readouterr().out)
+    assert isinstance(adamw["state_bytes"], int)
+    assert missing["state_bytes"] is None and missing["ratio_to_adamw"] is None
+    assert missing["note"] == 'not available: needs the optional package adam-mini: pip install "sage-optim[baselines]"'
+    assert main(["memory", "--model", "cpu-tiny", "--optimizers", "adamw", "adam-mini"]) == 0
+    assert "adam-mini       not available: needs the optional package adam-mini" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -383,11 +383,12 @@ def state_bytes_table(model: Any, optimizers: Sequence[str]) -> list[dict[str, A
     from its state spec, exact before the first step); otherwise the optimizer takes one step with
     meta gradients and the state tensors it creates are summed. Roles come from
     :func:`sage_optim.routing.classify`. ``tests/test_cli.py`` checks the counts against real
-    optimizers after one real step.
+    optimizers after one real step. An optional baseline whose package is missing gets a row with
+    ``state_bytes`` ``None`` and a ``note`` saying why.
     """
     import torch
 
-    from .optim.registry import create_optimizer
+    from .optim.registry import create_optimizer, unavailable_reason
     from .routing import classify
     from .train.metrics import state_nbytes, tensor_nbytes
 
@@ -395,6 +396,11 @@ def state_bytes_table(model: Any, optimizers: Sequence[str]) -> list[dict[str, A
     name_of = {id(p): n for n, p in model.named_parameters()}
     results = []
     for name in optimizers:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            results.append({"optimizer": name, "state_bytes": None, "by_role": {}, "method": None,
+                            "note": f"not available: {reason}"})
+            continue
         optimizer = create_optimizer(name, model)
         if hasattr(optimizer, "state_nbytes") and hasattr(optimizer, "partition"):
             method = "state_nbytes"
@@ -442,7 +448,7 @@ def _cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
     adamw = next((r["state_bytes"] for r in rows if r["optimizer"] == "adamw"), None)
     for row in rows:
         row.update(model=args.model, params=params, vocab_size=vocab, tied=cfg.model.tie_word_embeddings,
-                   ratio_to_adamw=row["state_bytes"] / adamw if adamw else None)
+                   ratio_to_adamw=row["state_bytes"] / adamw if adamw and row["state_bytes"] is not None else None)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -452,6 +458,9 @@ def _cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
     print(header)
     print("-" * len(header))
     for row in rows:
+        if row["state_bytes"] is None:
+            print(f"{row['optimizer']:<15} {row['note']}")
+            continue
         ratio = f"{row['ratio_to_adamw']:.3f}" if row["ratio_to_adamw"] is not None else "-"
         roles = ", ".join(f"{k} {_human_bytes(v)}" for k, v in row["by_role"].items() if v)
         print(f"{row['optimizer']:<15} {row['state_bytes']:>16,} {_human_bytes(row['state_bytes']):>9} "
