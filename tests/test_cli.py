@@ -221,6 +221,18 @@ def test_compare_refuses_optimizers_missing_from_the_registry(tmp_path: Path,
     assert not list(tmp_path.iterdir())
 
 
+def test_compare_runs_an_ablation_by_name_and_refuses_it_with_optimizers(
+        tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--ablation", "bf16-momentum", "--optimizers", "adamw", "--out", str(tmp_path)]) == 2
+    assert "give --optimizers or --ablation, not both" in one_line_error(capsys)
+    assert main(["compare", "--preset", "cpu-tiny", "--ablation", "bf16-momentum", "--steps", "3",
+                 "--out", str(tmp_path), *data_args]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*/summary.json") for p in [p.parent]) == [
+        "sage-hybrid-bf16-seed42", "sage-hybrid-seed42"]
+    assert json.loads((tmp_path / "sage-hybrid-bf16-seed42" / "config.json").read_text())["optimizer"] == \
+        "sage-hybrid-bf16"
+
+
 def test_help_bench_hook_and_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
     for command in (["--help"], ["train", "--help"], ["compare", "--help"], ["memory", "--help"],
                     ["data", "prepare", "--help"]):

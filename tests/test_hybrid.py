@@ -178,3 +178,28 @@ def test_muon_rule_runs_torch_muon_on_hidden_matrices_and_refuses_vectors():
     assert all(set(opt.state[p]) == {"momentum_buffer"} for p in hidden["params"])
     with pytest.raises(ValueError, match="Muon needs 2-D parameters, but model.layers.0.input_layernorm.weight"):
         so.SinkSAGE(model, rules={"vector": "muon"})
+
+
+def test_ablation_configurations_change_only_what_they_name() -> None:
+    from sage_optim.optim.registry import ABLATIONS, available_optimizers, create_optimizer
+
+    assert set(available_optimizers()) <= set(available_optimizers(include_ablations=True))
+    assert not {n for names in ABLATIONS.values() for n in names} - set(available_optimizers(include_ablations=True))
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.LayerNorm(16))
+
+    def groups(name: str) -> dict[str, dict]:
+        return {g["role"]: g for g in create_optimizer(name, model).param_groups}
+
+    base = groups("sage-hybrid")
+    for name, changed in [("hybrid-embed-sage-no-instant", {"instant_damper": False}),
+                          ("hybrid-embed-sage-code-compat", {"code_compat": True})]:
+        ablated = groups(name)
+        for role, group in base.items():
+            expected = {**group, **changed} if group["rule"] == "sage" else group
+            assert {k: v for k, v in ablated[role].items() if k != "params"} == \
+                {k: v for k, v in expected.items() if k != "params"}, (name, role)
+    adamw = groups("hybrid-embed-adamw")
+    assert adamw["hidden"]["rule"] == "sinkgd" and adamw["hidden"]["lr"] == 2e-3
+    assert adamw["hidden"]["scale"] == base["hidden"]["scale"] == 10.0
+    assert {adamw[r]["rule"] for r in ("embedding", "vector")} == {"adamw"}
+    assert {adamw[r]["lr"] for r in ("embedding", "vector")} == {1e-4}

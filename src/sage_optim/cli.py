@@ -75,7 +75,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        "summary.json are skipped, stopped ones resumed), then write results.md and "
                        "val_loss.png. " + overrides_help)
     p.add_argument("--preset", choices=preset_names(), default="cpu-demo")
-    p.add_argument("--optimizers", nargs="+", default=list(COMPARE_DEFAULT_OPTIMIZERS), metavar="NAME")
+    p.add_argument("--optimizers", nargs="+", metavar="NAME",
+                   help=f"registry names (default: {' '.join(COMPARE_DEFAULT_OPTIMIZERS)})")
+    p.add_argument("--ablation", choices=_ablation_names(),
+                   help="the optimizers of one controlled ablation (instead of --optimizers)")
     p.add_argument("--seeds", nargs="+", type=int, default=[42], metavar="SEED")
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="default: runs/compare-<preset>")
@@ -206,13 +209,19 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _ablation_names() -> list[str]:
+    from .optim.registry import ABLATIONS
+
+    return list(ABLATIONS)
+
+
 def _check_registry(names: Sequence[str]) -> None:
     from .optim.registry import available_optimizers
 
-    missing = [name for name in names if name not in available_optimizers()]
+    known = available_optimizers(include_ablations=True)
+    missing = [name for name in names if name not in known]
     if missing:
-        raise UsageError(f"not in the optimizer registry: {', '.join(missing)} "
-                         f"(available: {', '.join(available_optimizers())})")
+        raise UsageError(f"not in the optimizer registry: {', '.join(missing)} (available: {', '.join(known)})")
 
 
 def _run_once(args: argparse.Namespace, overrides: dict[str, str], *, optimizer: str, seed: int, run_dir: Path,
@@ -247,6 +256,12 @@ def _tuned_lr(tuned_dir: str | None, name: str) -> float | None:
 
 
 def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from .optim.registry import ABLATIONS
+
+    if args.ablation is not None and args.optimizers is not None:
+        raise UsageError("give --optimizers or --ablation, not both")
+    if args.optimizers is None:
+        args.optimizers = list(ABLATIONS[args.ablation] if args.ablation else COMPARE_DEFAULT_OPTIMIZERS)
     _check_registry(args.optimizers)
     overrides, _ = _split_overrides(extra, allow_opt=False)
     if "output.out_dir" in overrides or "seed" in overrides or "optimizer" in overrides:
@@ -432,10 +447,7 @@ def _cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
     names = args.optimizers or available_optimizers()
-    missing = [n for n in names if n not in available_optimizers()]
-    if missing:
-        raise UsageError(f"not in the optimizer registry: {', '.join(missing)} "
-                         f"(available: {', '.join(available_optimizers())})")
+    _check_registry(names)
     cfg = get_preset(args.model)
     if args.tied is not None:
         cfg.model.tie_word_embeddings = args.tied

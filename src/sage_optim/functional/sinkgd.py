@@ -60,7 +60,7 @@ def _limit(dtype: torch.dtype, length: int) -> float:
 
 def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization: Normalization,
                       global_rows: int, all_reduce: Optional[AllReduceSum] = None,
-                      grad_scale: Optional[Tensor] = None, squares_of_grad: bool = False,
+                      grad_scale: Optional[Tensor] = None, squares_scale: Optional[Tensor] = None,
                       row_sums: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The row and column scalings r, c with X = diag(r)·(G/s)·diag(c), from ``squares`` = (G/s) ⊙ (G/s).
 
@@ -69,8 +69,9 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
     keeps Q finite for any finite G, and ε/s in the first row step makes the result that of G, ε included.
     ``global_rows`` is n of the unsharded matrix (used by "sr"); ``all_reduce`` sums the column
     statistics across the shards of dim 0 (None when the matrix is whole).
-    ``squares_of_grad``: ``squares`` holds G ⊙ G itself (every entry ≤ 1) and each mat-vec is divided by
-    s² in float64 — the same computation for G/s without a pass over the matrix to form it.
+    ``squares_scale``: q (0-D, or (b,)) when ``squares`` holds q·(G/s)⊙(G/s) — q = s² for G ⊙ G itself
+    (every entry ≤ 1) — and each mat-vec is divided by q in float64: the same computation for G/s
+    without a pass over the matrix to form it.
     ``row_sums``: ``squares.sum(-1)`` when the caller already has it (the first row step's mat-vec).
     """
     *batch, n, m = squares.shape
@@ -82,11 +83,7 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
     first_eps: Union[float, Tensor] = eps
     if grad_scale is not None:
         first_eps = eps / grad_scale.to(torch.float64).reshape(*batch, 1)  # broadcasts over each row vector
-    unscale: Optional[Tensor] = None
-    if squares_of_grad:
-        if grad_scale is None:
-            raise ValueError("squares_of_grad=True needs grad_scale (the s with squares = s² · (G/s)²)")
-        unscale = grad_scale.to(torch.float64).reshape(*batch, 1).square()
+    unscale = None if squares_scale is None else squares_scale.to(torch.float64).reshape(*batch, 1)
 
     def norms(sums: Tensor) -> Tensor:  # sqrt of a mat-vec's sums of squares, in float64, as a new tensor
         wide = sums.to(torch.float64, copy=True)
@@ -127,21 +124,45 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
 _RAW_SQUARES_RANGE = (2.0**-60, 1.0)
 
 
-def _squares_into(out: Tensor, grad: Tensor) -> tuple[Tensor, bool, Optional[Tensor]]:
-    """Fill ``out`` with G ⊙ G, or with (G/s) ⊙ (G/s) when G's range needs it.
+def _squares_into(out: Tensor, grad: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Fill ``out`` with q·(G/s) ⊙ (G/s); return (s, q, the row sums of ``out`` or None), float64 s and q.
 
-    Returns (s, squares_of_grad, row sums of ``out`` or None). On the raw path s² is the largest row
-    sum of G ⊙ G (any s with entries of G/s ≤ 1 gives the same X; this one costs no extra pass).
+    On CPU, where G's range allows, ``out`` is G ⊙ G itself (q = s², s² the largest row sum: any s with
+    entries of G/s ≤ 1 gives the same X, and this one costs no extra pass). Otherwise q = 1 and s = max |G|.
     """
     torch.mul(grad, grad, out=out)
     if out.device.type == "cpu" and out.numel():  # note: reading the peak is a device sync, free on CPU only
         row_sums = out.sum(-1)
         peak = row_sums.max()
         if _RAW_SQUARES_RANGE[0] <= float(peak) <= _RAW_SQUARES_RANGE[1]:
-            return peak.to(torch.float64).sqrt(), True, row_sums
+            peak = peak.to(torch.float64)
+            return peak.sqrt(), peak, row_sums
     grad_scale = max_abs(grad)
     torch.div(grad, grad_scale, out=out).square_()
-    return grad_scale, False, None
+    return grad_scale.to(torch.float64), torch.ones((), dtype=torch.float64, device=out.device), None
+
+
+def _apply(param: Tensor, grad: Tensor, work: Tensor, rows: Tensor, cols: Tensor, grad_scale: Tensor, *,
+           raw: bool, lr: float, weight_decay: float, step_size: float) -> None:
+    """θ ← θ·(1 − ηλ) + step · diag(r)·(G/s)·diag(c), with ``work`` (G's shape) as the one scratch buffer.
+
+    On the raw-squares path (s ≥ 2⁻³⁰, so r/s is finite) G·diag(c) goes into ``work`` and θ takes it
+    times r/s row by row (``addcmul``): two passes over the matrix besides θ's own read and write.
+    Otherwise G/s is formed first (s may be tiny or huge).
+    """
+    if raw:
+        torch.mul(grad, cols.to(grad.dtype), out=work)
+        row_factor = rows / grad_scale
+    else:
+        torch.div(grad, grad_scale.to(grad.dtype), out=work).mul_(cols.to(grad.dtype))
+        row_factor = rows
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    row_factor = row_factor.to(grad.dtype).unsqueeze(-1)
+    if param.is_contiguous():
+        param.view(grad.shape).addcmul_(work, row_factor, value=step_size)
+    else:
+        param.add_(work.mul_(row_factor).view_as(param), alpha=step_size)
 
 
 def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
@@ -149,33 +170,22 @@ def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: floa
                           all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
                           global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False) -> None:
     step_size = -lr * scale * (-1.0 if maximize else 1.0)
-    scratch = Workspace()  # one matrix-sized buffer for the whole call: Q, then X / r, of each matrix
+    scratch = Workspace()  # one matrix-sized buffer for the whole call: Q, then G·diag(c), of each matrix
     for i, (param, grad) in enumerate(zip(params, grads)):
         g = _as_matrix(as_compute(grad))
         work = scratch.take(g.numel(), g).view(g.shape)
-        grad_scale, squares_of_grad, row_sums = _squares_into(work, g)
+        grad_scale, squares_scale, row_sums = _squares_into(work, g)
         reduce = all_reduce if (sharded is not None and sharded[i]) else None
         n_global = global_shapes[i][0] if global_shapes is not None else g.shape[0]
         rows, cols = sinkhorn_scalings(work, iters=iters, eps=eps, normalization=normalization,
                                        global_rows=n_global, all_reduce=reduce, grad_scale=grad_scale,
-                                       squares_of_grad=squares_of_grad, row_sums=row_sums)
+                                       squares_scale=squares_scale, row_sums=row_sums)
         if compiled:
             _compiled.sinkgd_update(param, g, grad_scale.to(g.dtype), rows.to(g.dtype), cols.to(g.dtype), lr=lr,
                                     weight_decay=weight_decay, step_scale=scale * (-1.0 if maximize else 1.0))
-            continue
-        # X = diag(r)·(G/s)·diag(c): (G·diag(c)) into the buffer, then θ += step · (r/s) ⊙ that, by row
-        if squares_of_grad:  # s ≥ 2⁻³⁰ here, so r/s stays finite
-            torch.mul(g, cols.to(g.dtype), out=work)
-            row_factor = (rows / grad_scale).to(g.dtype)
         else:
-            torch.div(g, grad_scale, out=work).mul_(cols.to(g.dtype))
-            row_factor = rows.to(g.dtype)
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        if param.is_contiguous():
-            param.view(g.shape).addcmul_(work, row_factor.unsqueeze(-1), value=step_size)
-        else:
-            param.add_(work.mul_(row_factor.unsqueeze(-1)).view_as(param), alpha=step_size)
+            _apply(param, g, work, rows, cols, grad_scale, raw=row_sums is not None, lr=lr,
+                   weight_decay=weight_decay, step_size=step_size)
 
 
 def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int,
@@ -193,23 +203,22 @@ def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, wei
     same_kind = group_by_key(range(len(params)), lambda i: (
         tuple(_as_matrix(grads[i]).shape), grads[i].device, grads[i].dtype, params[i].dtype,
         n_global[i], is_sharded[i]))
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    scratch = Workspace()  # one chunk-sized stack of Q for the whole call, its slots reused by G·diag(c)
     for indices in same_kind.values():
         reduce = all_reduce if is_sharded[indices[0]] else None
         for chunk in chunks_by_numel(indices, numels, budget):
             matrices = [_as_matrix(as_compute(grads[i])) for i in chunk]
-            work = torch.stack(matrices)
-            grad_scale = max_abs(work)
-            work.div_(grad_scale.view(-1, 1, 1)).square_()
+            shape = matrices[0].shape
+            work = scratch.take(len(chunk) * math.prod(shape), matrices[0]).view(len(chunk), *shape)
+            filled = [_squares_into(slot, g) for slot, g in zip(work, matrices)]  # no stacking copy of G
+            grad_scale = torch.stack([f[0] for f in filled])
+            row_sums = None if any(f[2] is None for f in filled) else torch.stack([f[2] for f in filled])
             rows, cols = sinkhorn_scalings(work, iters=iters, eps=eps, normalization=normalization,
-                                           global_rows=n_global[chunk[0]], all_reduce=reduce, grad_scale=grad_scale)
-            row_factor, col_factor = rows.to(work.dtype), cols.to(work.dtype)
-            for k, matrix in enumerate(matrices):  # X = diag(r)·(G/s)·diag(c), written over Q's buffer
-                torch.div(matrix, grad_scale[k], out=work[k]).mul_(row_factor[k].unsqueeze(-1)).mul_(col_factor[k])
-            torch._foreach_add_([params[i] for i in chunk], [x.view_as(params[i]) for x, i in zip(work, chunk)],
-                                alpha=step_size)
-            del work
+                                           global_rows=n_global[chunk[0]], all_reduce=reduce, grad_scale=grad_scale,
+                                           squares_scale=torch.stack([f[1] for f in filled]), row_sums=row_sums)
+            for k, (i, g) in enumerate(zip(chunk, matrices)):
+                _apply(params[i], g, work[k], rows[k], cols[k], grad_scale[k], raw=filled[k][2] is not None, lr=lr,
+                       weight_decay=weight_decay, step_size=step_size)
 
 
 def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int = 5,

@@ -40,7 +40,7 @@ from .hybrid import SinkSAGE
 from .sage import Lion
 
 __all__ = ["create_optimizer", "available_optimizers", "default_lr", "unavailable_reason", "RegistryEntry",
-           "REGISTRY"]
+           "REGISTRY", "ABLATIONS"]
 
 _NON_DENSE = ("embedding", "head", "vector")
 
@@ -53,6 +53,8 @@ class RegistryEntry:
     description: str
     #: top-level modules of optional packages the factory imports (checked by :func:`unavailable_reason`)
     requires: tuple[str, ...] = ()
+    #: a configuration that exists for a controlled ablation (:data:`ABLATIONS`), not a baseline of its own
+    ablation: bool = False
 
 
 def _adamw(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
@@ -96,6 +98,18 @@ def _lion_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: 
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
 
 
+def _hybrid_embed_adamw(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: float = 1e-4,
+                        **kw: Any) -> torch.optim.Optimizer:
+    rules = {r: ("adamw", {"lr": embed_lr}) for r in _NON_DENSE}
+    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
+
+
+def _with_defaults(factory: Callable[..., torch.optim.Optimizer], **defaults: Any) -> Callable[..., torch.optim.Optimizer]:
+    def build(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+        return factory(model, lr=lr, weight_decay=weight_decay, **{**defaults, **kw})
+    return build
+
+
 def _muon_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
     # note: torch's Muon with adjust_lr_fn="match_rms_adamw" scales its update to AdamW's RMS, so one lr
     # serves both the Muon (hidden) and the AdamW (embedding/head/vector) groups.
@@ -125,15 +139,31 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
                   "AdamW embedding/head/vectors", requires=("apollo_torch", "bitsandbytes", "transformers", "numpy")),
     RegistryEntry("adam-mini", _adam_mini, 1e-4, "Adam-mini (adam-mini): one second moment per head/row/tensor",
                   requires=("adam_mini",)),
+    RegistryEntry("hybrid-embed-adamw", _hybrid_embed_adamw, 2e-3, "sage-hybrid's dense part + AdamW "
+                  "(embed_lr 1e-4) for embedding/head/vectors", ablation=True),
+    RegistryEntry("hybrid-embed-sage-no-instant", _with_defaults(_sage_hybrid, instant_damper=False), 2e-3,
+                  "sage-hybrid without the instantaneous damper term", ablation=True),
+    RegistryEntry("hybrid-embed-sage-code-compat", _with_defaults(_sage_hybrid, code_compat=True), 2e-3,
+                  "sage-hybrid with the released code's momentum order (code_compat=True)", ablation=True),
 ]}
+
+#: The controlled ablations of the reproduction (same seeds, same tokens; ``sage-optim compare --ablation``):
+#: the embedding/head/vector rule under one fixed dense optimizer (SinkGD uniform, scale 10, lr 2e-3); the
+#: "embedding dilemma" (one rule everywhere vs the hybrids); bf16 vs fp32 SAGE momentum.
+ABLATIONS: dict[str, list[str]] = {
+    "embedding-rule": ["hybrid-embed-adamw", "lion-hybrid", "sage-hybrid", "hybrid-embed-sage-no-instant",
+                       "hybrid-embed-sage-code-compat"],
+    "embedding-dilemma": ["sinkgd-pure", "sinkgd-hybrid", "sage-pure", "sage-hybrid"],
+    "bf16-momentum": ["sage-hybrid", "sage-hybrid-bf16"],
+}
 
 _EXTRA = 'pip install "sage-optim[baselines]"'
 _PACKAGE_OF = {"apollo_torch": "apollo-torch", "adam_mini": "adam-mini"}
 
 
-def available_optimizers() -> list[str]:
-    """Registry names, in a stable order."""
-    return list(REGISTRY)
+def available_optimizers(include_ablations: bool = False) -> list[str]:
+    """Registry names, in a stable order (the ablation-only configurations when ``include_ablations``)."""
+    return [name for name, entry in REGISTRY.items() if include_ablations or not entry.ablation]
 
 
 def default_lr(name: str) -> float:
@@ -160,7 +190,7 @@ def _optional_module(name: str, module: str) -> Any:
 
 def _entry(name: str) -> RegistryEntry:
     if name not in REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {available_optimizers()}")
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {available_optimizers(include_ablations=True)}")
     return REGISTRY[name]
 
 

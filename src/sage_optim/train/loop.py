@@ -163,8 +163,9 @@ class Run:
 def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Run:
     """Resolve the config, load data, build model/optimizer/scheduler and, if resuming, restore them."""
     cfg = validate(copy.deepcopy(cfg))
-    if cfg.optimizer not in available_optimizers():
-        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; available: {', '.join(available_optimizers())}")
+    if cfg.optimizer not in available_optimizers(include_ablations=True):
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; "
+                          f"available: {', '.join(available_optimizers(include_ablations=True))}")
     if cfg.output.out_dir is None:
         cfg.output.out_dir = f"runs/{cfg.preset}/{cfg.optimizer}-seed{cfg.seed}"
     out = Path(cfg.output.out_dir)
