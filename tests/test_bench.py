@@ -79,5 +79,7 @@ def test_bench_prints_ratios_measured_in_one_run(capsys: pytest.CaptureFixture[s
     assert set(rows) == {"torch AdamW (fused)", "naive per-parameter loop", "SinkSAGE (for-loop)"}
     assert rows["torch AdamW (fused)"][1] == "1.00x"
     ms, ratio = float(rows["SinkSAGE (for-loop)"][0]), float(rows["SinkSAGE (for-loop)"][1].rstrip("x"))
-    assert ratio == pytest.approx(ms / float(rows["torch AdamW (fused)"][0]), rel=0.02)
+    base = float(rows["torch AdamW (fused)"][0])
+    # the printed columns agree up to their rounding (ms to 0.01, ratios to 0.01)
+    assert abs(ratio * base - ms) <= 0.005 * (1 + base + ratio) + 1e-9
     assert float(rows["SinkSAGE (for-loop)"][-1]) <= 1.05  # peak temporaries / largest parameter

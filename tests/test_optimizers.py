@@ -217,6 +217,22 @@ def test_nonfinite_gradient_raises_naming_the_parameter_and_updates_nothing(info
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_a_finite_gradient_whose_sum_overflows_is_finite_and_a_bad_one_among_huge_is_not(info, bad):
+    params = _params(info, dtype=torch.float32)
+    opt = info.make(params, nonfinite="skip")
+    for p in params:  # every entry finite, their sum far beyond float32's range
+        p.grad = torch.full_like(p, 3e38)
+    opt.step()
+    assert opt.skipped_steps == 0
+    for p in params:
+        p.grad = torch.full_like(p, -3e38)
+    params[-1].grad.view(-1)[-1] = bad
+    opt.step()
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
 def test_nonfinite_skip_policy_skips_the_whole_step_and_counts_it(info):
     params = _params(info, dtype=torch.float32)
     opt = info.make(params, nonfinite="skip")

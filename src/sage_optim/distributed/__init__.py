@@ -55,13 +55,17 @@ def default_foreach(params: Sequence[Tensor]) -> bool:
 
 
 def _local_all_finite(grads: Sequence[Tensor]) -> bool:
-    # note: aminmax propagates NaN and keeps ±Inf, reads each gradient once and allocates nothing
-    # full-size (an ∞-norm or isfinite() is ~10× slower on CPU).
-    # float64 so that finite float64 values beyond float32 range are not called infinite
-    extremes = [torch.stack(torch.aminmax(g.reshape(-1))).to(torch.float64) for g in grads if g.numel() > 0]
-    if not extremes:
+    # note: a plain sum reads each gradient once at memory speed (aminmax is ~1.6x slower on CPU, an
+    # ∞-norm or isfinite() ~10x) and any NaN/±Inf makes it non-finite. A finite gradient can overflow
+    # its sum, so a non-finite sum is re-checked exactly with aminmax (float64, so that finite float64
+    # values beyond float32 range are not called infinite).
+    present = [g.reshape(-1) for g in grads if g.numel() > 0]
+    if not present:
         return True
-    return bool(torch.cat([e.cpu() for e in extremes]).isfinite().all())
+    sums = torch.stack([g.sum().to(torch.float64) for g in present]).cpu()
+    suspects = [g for g, total in zip(present, sums.isfinite().tolist()) if not total]
+    extremes = [torch.stack(torch.aminmax(g)).to(torch.float64).cpu() for g in suspects]
+    return all(bool(e.isfinite().all()) for e in extremes)
 
 
 def all_finite(grads: Sequence[Tensor]) -> bool:

@@ -1,6 +1,7 @@
 """Pieces shared by the functional update rules (kept here once, never copied per rule)."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable, Iterator, Sequence
 
@@ -49,7 +50,8 @@ class Workspace:
 
 def as_rows(t: Tensor) -> Tensor:
     """A 2-D view: (dim 0, rest) for ndim ≥ 2, (1, numel) for vectors and scalars (a copy if not contiguous)."""
-    return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(1, -1)
+    # note: explicit column count, not -1: an empty shard (0 local rows under FSDP2) cannot infer it.
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.ndim >= 2 else t.reshape(1, t.numel())
 
 
 def row_blocks(rows: int, cols: int, block_numel: int = BLOCK_NUMEL) -> Iterator[slice]:

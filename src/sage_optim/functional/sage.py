@@ -58,7 +58,7 @@ def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
         # ~10x slower on CPU) into a float64 total, through one cache-sized scratch block.
         scratch = scratch if scratch is not None else Workspace()
         for block in row_blocks(*matrix.shape):
-            part = scratch.take(matrix[block].numel(), g).view(-1, matrix.shape[1])
+            part = scratch.take(matrix[block].numel(), g).view(matrix[block].shape)
             torch.abs(matrix[block], out=part).div_(max(rows, 1))
             total += part.sum(0)
         return total.reshape(g.shape[1:])
@@ -211,7 +211,7 @@ def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[T
     h = None if damper is None else damper.reshape(1, -1)  # broadcast over the rows of a block
     scratch = scratch if scratch is not None else Workspace()
     for block in row_blocks(*g.shape):
-        direction = scratch.take(g[block].numel(), g).view(-1, g.shape[1])
+        direction = scratch.take(g[block].numel(), g).view(g[block].shape)
         _update_block(p[block], g[block], m[block], h, direction, **hparams)
 
 

@@ -84,6 +84,7 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
     if grad_scale is not None:
         first_eps = eps / grad_scale.to(torch.float64).reshape(*batch, 1)  # broadcasts over each row vector
     unscale = None if squares_scale is None else squares_scale.to(torch.float64).reshape(*batch, 1)
+    col_unscale = None if unscale is None else unscale.to(squares.dtype)  # q ∈ [2⁻⁶⁰, 1]: exact enough in float32
 
     def norms(sums: Tensor) -> Tensor:  # sqrt of a mat-vec's sums of squares, in float64, as a new tensor
         wide = sums.to(torch.float64, copy=True)
@@ -107,12 +108,16 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
             rows.mul_(row_target)
         rows.clamp_(max=row_cap)
         col_sq = torch.matmul(rows.square().to(squares.dtype).unsqueeze(-2), squares).squeeze(-2)
+        if unscale is not None:
+            # note: before the all-reduce: each shard's squares carry their own q, and only
+            # r² ⊙ (G/s)² — what remains after dividing by it — adds up across shards.
+            col_sq = col_sq.div_(col_unscale)
         if all_reduce is not None:
             all_reduce([col_sq])
         if cols is None:
-            cols = norms(col_sq).add_(eps).reciprocal_()
+            cols = col_sq.to(torch.float64).sqrt_().add_(eps).reciprocal_()
         else:
-            cols = cols.div_(norms(col_sq).mul_(cols).add_(eps))
+            cols = cols.div_(col_sq.to(torch.float64).sqrt_().mul_(cols).add_(eps))
         if col_target != 1.0:
             cols.mul_(col_target)
         cols.clamp_(max=col_cap)
