@@ -172,3 +172,15 @@ def test_bf16_momentum_halves_its_bytes_and_tracks_float32(foreach):
     # sign updates: at most a few elements flip relative to fp32 momentum, each by ≤ 2·lr per step.
     assert (a - b).abs().max().item() <= 2 * 2e-3 * 10
     assert (a - b).abs().mean().item() < 2e-4
+
+
+@pytest.mark.parametrize("rows", [3, 700])  # one block and several blocks
+def test_column_statistic_of_finite_gradients_near_float32_max_stays_finite_and_exact(rows):
+    from sage_optim.functional.sage import _local_statistic
+
+    grad = torch.full((rows, 5), 3e38)
+    grad[:, 1] = -1e38
+    statistic = _local_statistic(grad, torch.zeros(5), 1.0, 0.99)
+    assert statistic.dtype == torch.float64
+    expected = torch.tensor([3e38, 1e38, 3e38, 3e38, 3e38], dtype=torch.float32).double()
+    torch.testing.assert_close(statistic, expected, rtol=1e-6, atol=0)

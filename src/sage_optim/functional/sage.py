@@ -50,22 +50,37 @@ def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
     """
     g = as_compute(grad)
     if g.ndim >= 2:
-        rows = g.shape[0] if global_rows is None else global_rows
+        rows = max(g.shape[0] if global_rows is None else global_rows, 1)
         matrix = as_rows(g)
-        total = torch.zeros(matrix.shape[1], dtype=torch.float64, device=g.device)
-        # note: |g| is divided by the row count before summing, so a block's column sum (≤ the largest
-        # |g|) cannot overflow; blocks are summed in the gradient's dtype (a float64-accumulating sum is
-        # ~10x slower on CPU) into a float64 total, through one cache-sized scratch block.
         scratch = scratch if scratch is not None else Workspace()
-        for block in row_blocks(*matrix.shape):
-            part = scratch.take(matrix[block].numel(), g).view(matrix[block].shape)
-            torch.abs(matrix[block], out=part).div_(max(rows, 1))
-            total += part.sum(0)
+        # note: on CPU the blocks are summed first and the O(d) total divided once, checked afterwards
+        # (reading it is free there): a block sum overflows only for |g| near float32's max, and then
+        # the division goes first, as it always does elsewhere.
+        total = _column_abs_sums(matrix, scratch, None if g.device.type == "cpu" else rows)
+        if total.device.type == "cpu":
+            total /= rows
+            if not bool(torch.isfinite(total).all()):
+                total = _column_abs_sums(matrix, scratch, rows)
         return total.reshape(g.shape[1:])
     abs_grad = g.abs()
     col_ema.lerp_(abs_grad.to(col_ema.dtype), 1 - beta2)
     ema_hat = col_ema.double() / (1 - beta2**step)
     return torch.stack([ema_hat.square().sum(), abs_grad.double().square().sum()])
+
+
+def _column_abs_sums(matrix: Tensor, scratch: Workspace, divisor: Optional[int]) -> Tensor:
+    """Σ_rows |matrix| (/ ``divisor`` per entry, first, when given) per column, as a float64 vector.
+
+    Blocks are summed in the matrix's dtype (a float64-accumulating sum is ~10x slower on CPU) into a
+    float64 total, through one cache-sized scratch block.
+    """
+    total = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    for block in row_blocks(*matrix.shape):
+        part = torch.abs(matrix[block], out=scratch.take(matrix[block].numel(), matrix).view(matrix[block].shape))
+        if divisor is not None:
+            part.div_(divisor)
+        total += part.sum(0)
+    return total
 
 
 def _damper(grad: Tensor, col_ema: Tensor, statistic: Tensor, global_shape: Sequence[int], step: float,

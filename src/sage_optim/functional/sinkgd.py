@@ -87,8 +87,10 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
     col_unscale = None if unscale is None else unscale.to(squares.dtype)  # q ∈ [2⁻⁶⁰, 1]: exact enough in float32
 
     def norms(sums: Tensor) -> Tensor:  # sqrt of a mat-vec's sums of squares, in float64, as a new tensor
-        wide = sums.to(torch.float64, copy=True)
-        return (wide.div_(unscale) if unscale is not None else wide).sqrt_()
+        wide = torch.div(sums, unscale) if unscale is not None else sums.to(torch.float64, copy=True)
+        return wide.sqrt_()
+
+    eps64 = torch.tensor(eps, dtype=torch.float64, device=squares.device)
 
     row_target = math.sqrt(m) if normalization == "sr" else 1.0
     col_target = math.sqrt(global_rows) if normalization == "sr" else 1.0
@@ -103,7 +105,7 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
             rows = norms(row_sums if row_sums is not None else squares.sum(-1)).add_(first_eps).reciprocal_()
         else:
             row_sq = torch.matmul(squares, cols.square().to(squares.dtype).unsqueeze(-1)).squeeze(-1)
-            rows = rows.div_(norms(row_sq).mul_(rows).add_(eps))
+            rows = rows.div_(torch.addcmul(eps64, norms(row_sq), rows))
         if row_target != 1.0:
             rows.mul_(row_target)
         rows.clamp_(max=row_cap)
@@ -117,7 +119,7 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
         if cols is None:
             cols = col_sq.to(torch.float64).sqrt_().add_(eps).reciprocal_()
         else:
-            cols = cols.div_(col_sq.to(torch.float64).sqrt_().mul_(cols).add_(eps))
+            cols = cols.div_(torch.addcmul(eps64, col_sq.to(torch.float64).sqrt_(), cols))
         if col_target != 1.0:
             cols.mul_(col_target)
         cols.clamp_(max=col_cap)
