@@ -56,8 +56,9 @@ def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
         # note: on CPU the blocks are summed first and the O(d) total divided once, checked afterwards
         # (reading it is free there): a block sum overflows only for |g| near float32's max, and then
         # the division goes first, as it always does elsewhere.
-        total = _column_abs_sums(matrix, scratch, None if g.device.type == "cpu" else rows)
-        if total.device.type == "cpu":
+        on_cpu = g.device.type == "cpu"
+        total = _column_abs_sums(matrix, scratch, None if on_cpu else rows)
+        if on_cpu:
             total /= rows
             if not bool(torch.isfinite(total).all()):
                 total = _column_abs_sums(matrix, scratch, rows)
@@ -155,8 +156,8 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     dampers = _dampers(grads, col_emas, state_steps, damper=damper, beta2=beta2, eps=eps,
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
                        global_shapes=global_shapes, scratch=scratch)
+    hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
     for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
-        hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
         if compiled:
             _compiled.sage_update(param, grad, exp_avg, h, **hparams)
         else:
