@@ -30,17 +30,12 @@ import torch
 from torch import Tensor
 
 from . import _compiled
-from ._common import AllReduceSum, Workspace, as_compute, chunks_by_numel, group_by_key
+from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key
 
 __all__ = ["sinkgd", "sinkhorn_scalings", "max_abs", "NORMALIZATIONS"]
 
 Normalization = Literal["uniform", "sr"]
 NORMALIZATIONS: tuple[str, ...] = ("uniform", "sr")
-
-
-def _as_matrix(t: Tensor) -> Tensor:
-    # note: explicit column count, not -1: an empty shard (0 local rows under FSDP2) cannot infer it.
-    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def max_abs(matrices: Tensor) -> Tensor:
@@ -179,7 +174,7 @@ def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: floa
     step_size = -lr * scale * (-1.0 if maximize else 1.0)
     scratch = Workspace()  # one matrix-sized buffer for the whole call: Q, then G·diag(c), of each matrix
     for i, (param, grad) in enumerate(zip(params, grads)):
-        g = _as_matrix(as_compute(grad))
+        g = as_rows(as_compute(grad))
         work = scratch.take(g.numel(), g).view(g.shape)
         grad_scale, squares_scale, row_sums = _squares_into(work, g)
         reduce = all_reduce if (sharded is not None and sharded[i]) else None
@@ -208,13 +203,13 @@ def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, wei
     is_sharded = list(sharded) if sharded is not None else [False] * len(params)
     # Same local shape, device, dtype, global rows and sharding → one stacked Sinkhorn (batched mat-vecs).
     same_kind = group_by_key(range(len(params)), lambda i: (
-        tuple(_as_matrix(grads[i]).shape), grads[i].device, grads[i].dtype, params[i].dtype,
+        tuple(as_rows(grads[i]).shape), grads[i].device, grads[i].dtype, params[i].dtype,
         n_global[i], is_sharded[i]))
     scratch = Workspace()  # one chunk-sized stack of Q for the whole call, its slots reused by G·diag(c)
     for indices in same_kind.values():
         reduce = all_reduce if is_sharded[indices[0]] else None
         for chunk in chunks_by_numel(indices, numels, budget):
-            matrices = [_as_matrix(as_compute(grads[i])) for i in chunk]
+            matrices = [as_rows(as_compute(grads[i])) for i in chunk]
             shape = matrices[0].shape
             work = scratch.take(len(chunk) * math.prod(shape), matrices[0]).view(len(chunk), *shape)
             filled = [_squares_into(slot, g) for slot, g in zip(work, matrices)]  # no stacking copy of G

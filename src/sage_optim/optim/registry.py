@@ -70,11 +70,6 @@ def _sage_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any)
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, **kw)
 
 
-def _sage_hybrid_bf16(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
-    kw.setdefault("state_dtype", torch.bfloat16)
-    return SinkSAGE(model, lr=lr, weight_decay=weight_decay, **kw)
-
-
 def _sage_pure(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules={"hidden": "sage"}, **kw)
 
@@ -134,7 +129,8 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
     RegistryEntry("sage-pure", _sage_pure, 2e-3, "SAGE on every parameter"),
     RegistryEntry("sage-hybrid", _sage_hybrid, 2e-3, "SinkGD (uniform, scale 10) hidden + SAGE embedding/head/vectors"),
     RegistryEntry("muon-hybrid", _muon_hybrid, 1e-3, "torch Muon (match_rms_adamw) hidden + AdamW embedding/head/vectors"),
-    RegistryEntry("sage-hybrid-bf16", _sage_hybrid_bf16, 2e-3, "sage-hybrid with bf16 momentum (round to nearest)"),
+    RegistryEntry("sage-hybrid-bf16", _with_defaults(_sage_hybrid, state_dtype=torch.bfloat16), 2e-3,
+                  "sage-hybrid with bf16 momentum (round to nearest)"),
     RegistryEntry("apollo", _apollo, 1e-4, "APOLLO-Mini (apollo-torch: rank 1, tensor-wise, scale 128) hidden + "
                   "AdamW embedding/head/vectors", requires=("apollo_torch", "bitsandbytes", "transformers", "numpy")),
     RegistryEntry("adam-mini", _adam_mini, 1e-4, "Adam-mini (adam-mini): one second moment per head/row/tensor",
