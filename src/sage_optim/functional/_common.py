@@ -48,6 +48,16 @@ class Workspace:
         return buffer[:numel]
 
 
+def triton_kernels():  # type: ignore[no-untyped-def]
+    """The Triton kernel module (imported on first use; a clear ImportError without the extra)."""
+    from .. import kernels
+
+    kernels.require()
+    from ..kernels import triton_kernels as module
+
+    return module
+
+
 def as_rows(t: Tensor) -> Tensor:
     """A 2-D view: (dim 0, rest) for ndim ≥ 2, (1, numel) for vectors and scalars (a copy if not contiguous)."""
     # note: explicit column count, not -1: an empty shard (0 local rows under FSDP2) cannot infer it.

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from . import _compiled
-from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, row_blocks
+from ._common import (AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, row_blocks,
+                      triton_kernels)
 
 __all__ = ["sage", "column_abs_mean"]
 
@@ -41,7 +42,8 @@ def column_abs_mean(grad: Tensor) -> Tensor:
 
 
 def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
-                     global_rows: Optional[int] = None, scratch: Optional[Workspace] = None) -> Tensor:
+                     global_rows: Optional[int] = None, scratch: Optional[Workspace] = None,
+                     fused: bool = False) -> Tensor:
     """What this process can compute alone, and what must be summed across shards (float64).
 
     Matrices: this shard's part of the column means of |g| (Σ_local |g| / global rows).  Vectors: the
@@ -52,6 +54,8 @@ def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
     if g.ndim >= 2:
         rows = max(g.shape[0] if global_rows is None else global_rows, 1)
         matrix = as_rows(g)
+        if fused:
+            return triton_kernels().column_abs_sums(matrix.contiguous(), rows).reshape(g.shape[1:])
         scratch = scratch if scratch is not None else Workspace()
         # note: on CPU the blocks are summed first and the O(d) total divided once, checked afterwards
         # (reading it is free there): a block sum overflows only for |g| near float32's max, and then
@@ -112,13 +116,13 @@ def _dampers(grads: list[Tensor], col_emas: list[Optional[Tensor]], state_steps:
              beta2: float, eps: float, instant_damper: bool, all_reduce: Optional[AllReduceSum],
              sharded: Optional[Sequence[bool]],
              global_shapes: Optional[Sequence[Sequence[int]]],
-             scratch: Optional[Workspace] = None) -> list[Optional[Tensor]]:
+             scratch: Optional[Workspace] = None, fused: bool = False) -> list[Optional[Tensor]]:
     """H_t of every parameter (``None`` each when ``damper=False``: Lion), after the step counts were advanced."""
     if not damper:
         return [None] * len(grads)
     steps = [float(s) for s in state_steps]
     shapes = global_shapes if global_shapes is not None else [g.shape for g in grads]
-    statistics = [_local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1, scratch)
+    statistics = [_local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1, scratch, fused)
                   for g, s, t, shape in zip(grads, col_emas, steps, shapes)]
     if all_reduce is not None and sharded is not None:
         to_reduce = [x for x, is_sharded in zip(statistics, sharded) if is_sharded]
@@ -148,17 +152,20 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         beta1: float, beta2: float, eps: float, weight_decay: float, damper: bool,
                         instant_damper: bool, code_compat: bool, maximize: bool,
                         all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
-                        global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False) -> None:
+                        global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False,
+                        fused: bool = False) -> None:
     grads = [as_compute(-g if maximize else g) for g in grads]
     for step in state_steps:
         step += 1
     scratch = Workspace()
     dampers = _dampers(grads, col_emas, state_steps, damper=damper, beta2=beta2, eps=eps,
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
-                       global_shapes=global_shapes, scratch=scratch)
+                       global_shapes=global_shapes, scratch=scratch, fused=fused)
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
     for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
-        if compiled:
+        if fused and param.is_contiguous() and exp_avg.is_contiguous():
+            triton_kernels().sign_update(param, grad.contiguous(), exp_avg, h, **hparams)
+        elif compiled:
             _compiled.sage_update(param, grad, exp_avg, h, **hparams)
         else:
             _update_one(param, grad, exp_avg, h, scratch=scratch, **hparams)
@@ -255,7 +262,8 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
          state_steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
          damper: bool = True, instant_damper: bool = True, code_compat: bool = False, maximize: bool = False,
          foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
-         global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False) -> None:
+         global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False,
+         fused: bool = False) -> None:
     r"""Functional SAGE (or Lion with ``damper=False``): updates ``params``, ``exp_avgs``, ``col_emas`` and
     ``state_steps`` in place. See the module docstring for the equations.
 
@@ -271,14 +279,17 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
             listed statistics, which parameters are sharded, and their unsharded shapes.
         compiled: run the element-wise update as one ``torch.compile`` kernel per tensor (reads θ, g, m
             once, writes θ, m once; hyperparameters as 0-D tensors, so no recompiles). Overrides ``foreach``.
+        fused: the Triton kernels of :mod:`sage_optim.kernels`: the column statistic in one pass over g and
+            the update in one pass over θ, g, m (non-contiguous tensors take the for-loop's blocked path).
+            Overrides ``compiled`` and ``foreach``.
     """
     if not params:
         return
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, damper=damper,
                   instant_damper=instant_damper, code_compat=code_compat, maximize=maximize, all_reduce=all_reduce,
                   sharded=sharded, global_shapes=global_shapes)
-    if compiled:
-        _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, compiled=True, **kwargs)
+    if fused or compiled:
+        _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, compiled=compiled, fused=fused, **kwargs)
     elif foreach:
         _foreach_sage(params, grads, exp_avgs, col_emas, state_steps, **kwargs)
     else:

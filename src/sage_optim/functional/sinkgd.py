@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _compiled
-from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key
+from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, triton_kernels
 
 __all__ = ["sinkgd", "sinkhorn_scalings", "max_abs", "NORMALIZATIONS"]
 
@@ -111,14 +111,20 @@ def sinkhorn_scalings(squares: Tensor, *, iters: int, eps: float, normalization:
             col_sq = col_sq.div_(col_unscale)
         if all_reduce is not None:
             all_reduce([col_sq])
-        if cols is None:
-            cols = col_sq.to(torch.float64).sqrt_().add_(eps).reciprocal_()
-        else:
-            cols = cols.div_(torch.addcmul(eps64, col_sq.to(torch.float64).sqrt_(), cols))
-        if col_target != 1.0:
-            cols.mul_(col_target)
-        cols.clamp_(max=col_cap)
+        cols = _column_step(cols, col_sq, eps=eps, eps64=eps64, target=col_target, cap=col_cap)
     return rows, cols
+
+
+def _column_step(cols: Optional[Tensor], col_sq: Tensor, *, eps: float, eps64: Tensor, target: float,
+                 cap: float) -> Tensor:
+    """c ← min(c / (c ⊙ sqrt(col_sq) + ε) · target, cap) in float64 (c = 1 when ``None``; in place otherwise)."""
+    if cols is None:
+        cols = col_sq.to(torch.float64).sqrt_().add_(eps).reciprocal_()
+    else:
+        cols = cols.div_(torch.addcmul(eps64, col_sq.to(torch.float64).sqrt_(), cols))
+    if target != 1.0:
+        cols.mul_(target)
+    return cols.clamp_(max=cap)
 
 
 #: Squares of a gradient whose largest row sum s² is in this range are used as they are (no G/s pass):
@@ -190,6 +196,50 @@ def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: floa
                    weight_decay=weight_decay, step_size=step_size)
 
 
+def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int,
+                  scale: float, normalization: Normalization, eps: float, maximize: bool,
+                  all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
+                  global_shapes: Optional[Sequence[Sequence[int]]]) -> None:
+    """The Triton path: per Sinkhorn iteration one sweep over G's row blocks (row step + column sums with
+    G/s squared on the fly, SPEC §3's single-pass form), then the O(m) column step here; then one pass
+    for θ. Hyperparameters stay on the device, so a step reads nothing back to the host.
+    """
+    kernels = triton_kernels()
+    step_size = -lr * scale * (-1.0 if maximize else 1.0)
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        g = as_rows(as_compute(grad)).contiguous()
+        n, m = g.shape
+        n_global = global_shapes[i][0] if global_shapes is not None else n
+        reduce = all_reduce if (sharded is not None and sharded[i]) else None
+        on = dict(dtype=g.dtype, device=g.device)
+        grad_scale = max_abs(g)
+        row_target = math.sqrt(m) if normalization == "sr" else 1.0
+        col_target = math.sqrt(n_global) if normalization == "sr" else 1.0
+        # [s, ε of this iteration, target, cap]; the first row step uses ε/s (see sinkhorn_scalings)
+        row_hparams = torch.tensor([1.0, eps, row_target, math.sqrt(_limit(g.dtype, n))], **on)
+        row_hparams[0:1] = grad_scale
+        row_hparams[1:2] = eps / grad_scale
+        eps64 = torch.tensor(eps, dtype=torch.float64, device=g.device)
+        rows = torch.ones(n, **on)
+        cols = None
+        for iteration in range(iters):
+            if iteration == 1:
+                row_hparams[1] = eps
+            col_squares = torch.ones(m, **on) if cols is None else cols.square().to(g.dtype)
+            col_sq = kernels.sinkhorn_row_pass(g, rows, col_squares, row_hparams)
+            if reduce is not None:
+                reduce([col_sq])
+            cols = _column_step(cols, col_sq, eps=eps, eps64=eps64, target=col_target,
+                                cap=math.sqrt(_limit(g.dtype, m)))
+        col_scaling = torch.ones(m, **on) if cols is None else cols.to(g.dtype)
+        apply_hparams = torch.tensor([1.0 - lr * weight_decay, step_size, 1.0], **on)
+        apply_hparams[2:3] = grad_scale
+        target = param if param.is_contiguous() else param.contiguous()
+        kernels.sinkgd_apply(target.view(n, m), g, rows, col_scaling, apply_hparams)
+        if target is not param:
+            param.copy_(target)
+
+
 def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int,
                     scale: float, normalization: Normalization, eps: float, maximize: bool,
                     all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
@@ -226,7 +276,8 @@ def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, wei
 def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int = 5,
            scale: float = 1.0, normalization: Normalization = "uniform", eps: float = 1e-8, maximize: bool = False,
            foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
-           global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False) -> None:
+           global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False,
+           fused: bool = False) -> None:
     r"""Functional SinkGD: ``θ ← θ·(1 − ηλ) − η·scale·Sinkhorn_L(g)`` for each (n, m, …) parameter.
 
     Args:
@@ -236,13 +287,17 @@ def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay
             or "sr" (norms sqrt(m) and sqrt(n), as in the SinkGD paper; = sqrt(n) × uniform).
         eps: added to each norm.  foreach: stack same-shape matrices and use batched mat-vecs.
         compiled: apply X = diag(r)·G·diag(c) and the update in one ``torch.compile`` kernel per matrix.
+        fused: the Triton kernels of :mod:`sage_optim.kernels` (one sweep over G per iteration, G ⊙ G never
+            stored; one pass for θ). Overrides ``compiled`` and ``foreach``.
         all_reduce, sharded, global_shapes: for dim-0-sharded parameters (see :func:`sage`).
     """
     if not params:
         return
     kwargs = dict(lr=lr, weight_decay=weight_decay, iters=iters, scale=scale, normalization=normalization, eps=eps,
                   maximize=maximize, all_reduce=all_reduce, sharded=sharded, global_shapes=global_shapes)
-    if compiled:
+    if fused:
+        _fused_sinkgd(params, grads, **kwargs)
+    elif compiled:
         _single_tensor_sinkgd(params, grads, compiled=True, **kwargs)
     elif foreach:
         _foreach_sinkgd(params, grads, **kwargs)

@@ -71,6 +71,15 @@ def spec_nbytes(spec: StateSpec) -> int:
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in spec.values())
 
 
+def _default_fused(params: list[Tensor]) -> bool:
+    """``fused=None``: the Triton kernels when every parameter is on CUDA and Triton is installed."""
+    if not params or any(dist_support.local_device(p).type != "cuda" for p in params):
+        return False
+    from .. import kernels
+
+    return kernels.available()
+
+
 class RuleOptimizer(Optimizer):
     """Base class: groups carry ``rule``; ``step`` dispatches each group to its rule.
 
@@ -80,7 +89,8 @@ class RuleOptimizer(Optimizer):
 
     def __init__(self, params: Any, *, rule_defaults: dict[str, dict[str, Any]], allowed_rules: Iterable[str],
                  default_rule: Optional[str], foreach: Optional[bool], maximize: bool, nonfinite: str,
-                 compile: bool = False, verify_every: Optional[int] = None) -> None:
+                 compile: bool = False, verify_every: Optional[int] = None,
+                 fused: Optional[bool] = None) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         if foreach is not None and not isinstance(foreach, bool):
@@ -89,6 +99,14 @@ class RuleOptimizer(Optimizer):
             raise TypeError(f"maximize must be True or False, got {maximize!r}")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        if fused and compile:
+            raise ValueError("fused=True and compile=True are two ways to fuse the update; pass only one")
+        if fused:
+            from .. import kernels
+
+            kernels.require()
         if verify_every is not None and (isinstance(verify_every, bool) or not isinstance(verify_every, int)
                                          or verify_every < 1):
             raise ValueError(f"verify_every must be None or an integer >= 1, got {verify_every!r}")
@@ -97,7 +115,8 @@ class RuleOptimizer(Optimizer):
         self.nonfinite = nonfinite
         #: Steps skipped because a gradient was not finite (``nonfinite="skip"``).
         self.skipped_steps = 0
-        defaults: dict[str, Any] = {"rule": default_rule, "foreach": foreach, "maximize": maximize, "compile": compile}
+        defaults: dict[str, Any] = {"rule": default_rule, "foreach": foreach, "maximize": maximize, "compile": compile,
+                                    "fused": fused}
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts (param groups), not a single Tensor; "
                             "pass model.parameters() or [tensor]")
@@ -198,14 +217,20 @@ class RuleOptimizer(Optimizer):
                 names.append(name)
             if params:
                 work.append((group, RULES[group["rule"]], params, grads, names))
+        for group, _, params, _, _ in work:  # every group checked before any is updated
+            if group.get("fused"):
+                from .. import kernels
+
+                kernels.check_devices(dist_support.local_device(p) for p in params)
         if not self._gradients_finite(work):
             return loss
         for group, rule, params, grads, names in work:
             states = [self._init_state(p, rule.state_spec(p, group)) for p in params]
+            group_view = group
             if group.get("foreach") is None:
-                group_view = dict(group, foreach=dist_support.default_foreach(params))
-            else:
-                group_view = group
+                group_view = dict(group_view, foreach=dist_support.default_foreach(params))
+            if group.get("fused") is None:
+                group_view = dict(group_view, fused=not group.get("compile") and _default_fused(params))
             local_params, local_grads, shards = dist_support.prepare(params, grads, names, rule)
             local_states = [dist_support.local_state(s) for s in states]
             rule.step(group_view, local_params, local_grads, local_states, shards)

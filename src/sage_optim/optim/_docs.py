@@ -11,6 +11,11 @@ COMMON_ARGS = r"""
         compile (bool): run each tensor's element-wise update as one ``torch.compile`` kernel (no full-size
             temporaries; hyperparameters enter as 0-D tensors so LR schedules do not recompile). Needs a
             working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA). Default ``False``.
+        fused (bool, optional): run SAGE/Lion/SinkGD steps through the Triton kernels of
+            :mod:`sage_optim.kernels` (SAGE: one pass for the column statistic, one for θ and m; SinkGD: one
+            sweep over G per Sinkhorn iteration, one for θ). ``None`` (default) picks them when every
+            parameter of a group is on CUDA and Triton is installed (the ``[triton]`` extra); ``True`` on
+            CPU tensors raises ``ValueError`` unless ``TRITON_INTERPRET=1``. AdamW groups are unaffected.
         verify_every (int | None): under FSDP2/DTensor sharding, every N steps gather one sharded parameter
             and check that the sharded update equals the single-process one; raise ``RuntimeError`` naming
             it otherwise (:func:`sage_optim.distributed.verify_step`). Default ``None`` (off)."""

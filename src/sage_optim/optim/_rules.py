@@ -169,7 +169,7 @@ def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
            instant_damper=group.get("instant_damper", True), code_compat=group.get("code_compat", False),
            maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
            all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
-           compiled=bool(group.get("compile")))
+           compiled=bool(group.get("compile")), fused=bool(group.get("fused")))
 
 
 def _step_sage(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
@@ -186,7 +186,7 @@ def _step_sinkgd(group, params, grads, states, shards) -> None:  # type: ignore[
              scale=group["scale"], normalization=group["normalization"], eps=group["eps"],
              maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
              all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
-             compiled=bool(group.get("compile")))
+             compiled=bool(group.get("compile")), fused=bool(group.get("fused")))
 
 
 def _step_adamw(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]

@@ -62,7 +62,7 @@ class SinkSAGE(RuleOptimizer):
                  head: Union[nn.Module, Tensor, None] = None, rules: Optional[Mapping[str, RuleSpec]] = None,
                  code_compat: bool = False, instant_damper: bool = True, foreach: Optional[bool] = None,
                  maximize: bool = False, state_dtype: Union[torch.dtype, str, None] = None,
-                 nonfinite: str = "raise", compile: bool = False,
+                 nonfinite: str = "raise", compile: bool = False, fused: Optional[bool] = None,
                  verify_every: Optional[int] = None) -> None:
         if isinstance(model_or_param_groups, nn.Module):
             groups = partition(model_or_param_groups, rules, head=head).groups
@@ -85,4 +85,4 @@ class SinkSAGE(RuleOptimizer):
         }
         super().__init__(groups, rule_defaults=rule_defaults, allowed_rules=tuple(RULES), default_rule=None,
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
-                         compile=compile, verify_every=verify_every)
+                         compile=compile, verify_every=verify_every, fused=fused)

@@ -56,13 +56,13 @@ class SAGE(RuleOptimizer):
     def __init__(self, params: Any, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, code_compat: bool = False, instant_damper: bool = True,
                  foreach: Optional[bool] = None, maximize: bool = False,
-                 state_dtype: Union[torch.dtype, str, None] = None, nonfinite: str = "raise", compile: bool = False,
+                 state_dtype: Union[torch.dtype, str, None] = None, nonfinite: str = "raise", compile: bool = False, fused: Optional[bool] = None,
                  verify_every: Optional[int] = None) -> None:
         hyper = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "code_compat": code_compat,
                  "instant_damper": instant_damper, "state_dtype": state_dtype}
         super().__init__(params, rule_defaults={"sage": hyper}, allowed_rules=("sage",), default_rule="sage",
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
-                         compile=compile, verify_every=verify_every)
+                         compile=compile, verify_every=verify_every, fused=fused)
 
 
 class Lion(RuleOptimizer):
@@ -88,9 +88,9 @@ class Lion(RuleOptimizer):
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, foreach: Optional[bool] = None, maximize: bool = False,
-                 state_dtype: Union[torch.dtype, str, None] = None, nonfinite: str = "raise", compile: bool = False,
+                 state_dtype: Union[torch.dtype, str, None] = None, nonfinite: str = "raise", compile: bool = False, fused: Optional[bool] = None,
                  verify_every: Optional[int] = None) -> None:
         hyper = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "state_dtype": state_dtype}
         super().__init__(params, rule_defaults={"lion": hyper}, allowed_rules=("lion",), default_rule="lion",
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
-                         compile=compile, verify_every=verify_every)
+                         compile=compile, verify_every=verify_every, fused=fused)

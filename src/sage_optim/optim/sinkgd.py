@@ -39,10 +39,10 @@ class SinkGD(RuleOptimizer):
 
     def __init__(self, params: Any, lr: float, weight_decay: float = 1e-2, *, iters: int = 5, scale: float = 1.0,
                  normalization: str = "uniform", eps: float = 1e-8, foreach: Optional[bool] = None,
-                 maximize: bool = False, nonfinite: str = "raise", compile: bool = False,
+                 maximize: bool = False, nonfinite: str = "raise", compile: bool = False, fused: Optional[bool] = None,
                  verify_every: Optional[int] = None) -> None:
         hyper = {"lr": lr, "weight_decay": weight_decay, "iters": iters, "scale": scale,
                  "normalization": normalization, "eps": eps}
         super().__init__(params, rule_defaults={"sinkgd": hyper}, allowed_rules=("sinkgd",), default_rule="sinkgd",
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
-                         compile=compile, verify_every=verify_every)
+                         compile=compile, verify_every=verify_every, fused=fused)

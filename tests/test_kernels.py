@@ -1,0 +1,147 @@
+"""The fused=True (Triton) path against the for-loop path.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before Triton
+is imported), which executes the same kernel code on CPU tensors; with a GPU the same tests compile them
+for CUDA. The bf16-parameter case needs real bf16 loads, which the interpreter lacks, so it is GPU-only.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import sage_optim as so
+from optim_db import OPTIMIZERS, all_inputs, input_id
+
+pytest.importorskip("triton", reason="the [triton] extra is not installed (CI installs it with [dev])")
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# small shapes: the interpreter runs each program in numpy; (1, 5) and (6, 1) are degenerate matrices,
+# (40, 70) spans several row and column blocks of every kernel, (9, 4, 3) has trailing dims to flatten
+SHAPES = [(7,), (1, 5), (6, 1), (40, 70), (9, 4, 3)]
+
+
+def _params(info, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [s for s in SHAPES if len(s) >= 2] if info.matrices_only else SHAPES
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype).to(DEVICE)) for s in shapes]
+
+
+def _run_pair(info, kwargs, dtype, steps, grad_dtype=None):
+    a = _params(info, dtype)
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = info.make(a, **kwargs, foreach=False, fused=False)
+    opt_b = info.make(b, **kwargs, fused=True)
+    sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.7**s) for o in (opt_a, opt_b)]
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        for pa, pb in zip(a, b):
+            grad = torch.randn(pa.shape, generator=g, dtype=grad_dtype or dtype).to(DEVICE)
+            pa.grad, pb.grad = grad.clone(), grad.clone()
+        opt_a.step()
+        opt_b.step()
+        for s in sched:
+            s.step()
+    return a, b, opt_a, opt_b
+
+
+@pytest.mark.parametrize("pair", all_inputs(), ids=input_id)
+def test_fused_matches_the_for_loop_in_float64(pair):
+    info, inp = pair
+    a, b, _, _ = _run_pair(info, inp.kwargs, torch.float64, steps=4)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pb, pa, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
+def test_fused_matches_the_for_loop_in_float32(info):
+    a, b, _, _ = _run_pair(info, {}, torch.float32, steps=3)
+    for pa, pb in zip(a, b):
+        # a sign can flip where the direction is within float32 rounding of 0; none does at these values
+        torch.testing.assert_close(pb, pa, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SAGE", "Lion", "SinkSAGE"])
+def test_fused_bf16_momentum_matches_the_for_loop(name):
+    info = next(i for i in OPTIMIZERS if i.name == name)
+    a, b, opt_a, opt_b = _run_pair(info, {"state_dtype": torch.bfloat16}, torch.float32, steps=3)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pb, pa, atol=1e-6, rtol=1e-5)
+        ma, mb = opt_a.state[pa].get("exp_avg"), opt_b.state[pb].get("exp_avg")
+        if ma is not None:
+            assert mb.dtype == torch.bfloat16
+            # both round the float32 update to nearest-even: at most one bf16 ulp apart where float32
+            # arithmetic orders differ, equal almost everywhere
+            torch.testing.assert_close(mb.float(), ma.float(), atol=0, rtol=2**-7)
+            assert (mb != ma).float().mean() < 0.01
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 loads need a GPU (Triton's interpreter reads bf16 as zeros)")
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
+def test_fused_bf16_parameters_match_the_for_loop(info):
+    a, b, _, _ = _run_pair(info, {}, torch.bfloat16, steps=3)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pb.float(), pa.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_strided_parameters_take_the_blocked_path_and_still_match():
+    base = torch.randn(30, 20, dtype=torch.float64, device=DEVICE)
+    a = [torch.nn.Parameter(base.clone().t())]  # non-contiguous
+    b = [torch.nn.Parameter(base.clone().t())]
+    opt_a, opt_b = so.SAGE(a, foreach=False, fused=False), so.SAGE(b, fused=True)
+    for step in range(3):
+        grad = torch.randn(20, 30, dtype=torch.float64, device=DEVICE)
+        a[0].grad, b[0].grad = grad.clone(), grad.clone()
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(b[0], a[0], atol=1e-12, rtol=1e-12)
+
+
+def test_sinkgd_fused_handles_tiny_and_huge_gradients_like_the_for_loop():
+    for magnitude in (1e-30, 1e30):
+        a = [torch.nn.Parameter(torch.zeros(12, 9, device=DEVICE))]
+        b = [torch.nn.Parameter(torch.zeros(12, 9, device=DEVICE))]
+        grad = torch.randn(12, 9, device=DEVICE) * magnitude
+        grad[3] = 0  # an all-zero row stays finite
+        for params, fused in ((a, False), (b, True)):
+            params[0].grad = grad.clone()
+            so.SinkGD(params, lr=1e-2, fused=fused, foreach=False).step()
+        assert torch.isfinite(b[0]).all()
+        torch.testing.assert_close(b[0], a[0], atol=1e-7, rtol=1e-5)
+
+
+def test_fused_is_chosen_automatically_only_for_cuda_parameters():
+    from sage_optim.optim._base import _default_fused
+
+    assert _default_fused([torch.zeros(3)]) is False
+    if ON_GPU:
+        assert _default_fused([torch.zeros(3, device="cuda")]) is True
+
+
+def test_fused_true_on_cpu_without_the_interpreter_refuses_before_updating_anything(monkeypatch):
+    if ON_GPU:
+        pytest.skip("this machine runs the kernels on CUDA; the refusal is for CPU tensors")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    before = [p.detach().clone() for p in params]
+    opt = so.SinkSAGE([{"params": params[:1], "rule": "sinkgd"},
+                       {"params": params[1:], "rule": "sage", "fused": False}], fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match=r"fused=True runs Triton kernels on CUDA tensors.*pass fused=False"):
+        opt.step()
+    for p, p0 in zip(params, before):
+        assert torch.equal(p, p0)
+
+
+def test_fused_argument_errors_are_clear(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    with pytest.raises(TypeError, match="fused must be None, True or False"):
+        so.SAGE(params, fused="yes")
+    with pytest.raises(ValueError, match="fused=True and compile=True"):
+        so.SAGE(params, fused=True, compile=True)
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
+    with pytest.raises(ImportError, match=r"pip install 'sage-optim\[triton\]'"):
+        so.SAGE(params, fused=True)
