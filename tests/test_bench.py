@@ -1,6 +1,8 @@
 """``sage-optim bench`` and the bound on step temporaries (torch's peak-memory tests, on any device)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -43,6 +45,9 @@ class TinyLM(nn.Module):
         return self.head
 
 
+_needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the [triton] extra is not installed")
+
+
 @pytest.mark.parametrize("make", [
     pytest.param(lambda m: so.SinkSAGE(m, foreach=False), id="SinkSAGE-for-loop"),
     pytest.param(lambda m: so.SinkSAGE(m, foreach=True), id="SinkSAGE-foreach"),
@@ -50,6 +55,8 @@ class TinyLM(nn.Module):
     pytest.param(lambda m: so.SAGE(m.parameters(), foreach=False), id="SAGE-for-loop"),
     pytest.param(lambda m: so.Lion(m.parameters(), foreach=False), id="Lion-for-loop"),
     pytest.param(lambda m: so.SinkGD([p for p in m.parameters() if p.ndim == 2], lr=1e-3, foreach=False), id="SinkGD"),
+    # on CPU the Triton kernels run in the interpreter (conftest.py), which allocates like the GPU path
+    pytest.param(lambda m: so.SinkSAGE(m, fused=True), id="SinkSAGE-fused", marks=_needs_triton),
 ])
 def test_step_temporaries_stay_within_one_largest_parameter(make) -> None:
     torch.manual_seed(0)
@@ -83,3 +90,12 @@ def test_bench_prints_ratios_measured_in_one_run(capsys: pytest.CaptureFixture[s
     # the printed columns agree up to their rounding (ms to 0.01, ratios to 0.01)
     assert abs(ratio * base - ms) <= 0.005 * (1 + base + ratio) + 1e-9
     assert float(rows["SinkSAGE (for-loop)"][-1]) <= 1.05  # peak temporaries / largest parameter
+
+
+@_needs_triton
+def test_bench_times_the_fused_paths_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    # on CPU the kernels run in Triton's interpreter: the numbers mean nothing, the rows must be there
+    assert main(["bench", "--preset", "tiny", "--repeats", "1", "--fused", "--no-peak",
+                 "--only", "AdamW (fused)", "SinkSAGE (fused)"]) == 0
+    rows = {line[:32].strip() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows == {"torch AdamW (fused)", "SinkSAGE (fused)"}

@@ -165,7 +165,7 @@ class Case:
     track_peak: bool = True
 
 
-def _cases(iters: int, with_compile: bool) -> list[Case]:
+def _cases(iters: int, with_compile: bool, with_fused: bool = False) -> list[Case]:
     import sage_optim as so
 
     sinkgd_passes = iters + 3  # SPEC §3: one read of G per iteration, then read G, read/write θ
@@ -180,19 +180,27 @@ def _cases(iters: int, with_compile: bool) -> list[Case]:
         Case("torch AdamW (fused)", lambda ps: torch.optim.AdamW([p for _, p, _ in ps], lr=1e-4, fused=True),
              (adamw, adamw)),
         Case("naive per-parameter loop", lambda ps: NaiveLoopSinkSAGE(ps), (sinkgd_passes, sage)),
-        Case("SinkSAGE (for-loop)", lambda ps: so.SinkSAGE(_hybrid_groups(ps), foreach=False), (sinkgd_passes, sage)),
-        Case("SinkSAGE (foreach)", lambda ps: so.SinkSAGE(_hybrid_groups(ps), foreach=True), (sinkgd_passes, sage)),
-        Case("SAGE, every param (for-loop)", lambda ps: so.SAGE([p for _, p, _ in ps], foreach=False), (sage, sage)),
-        Case("SAGE, every param (foreach)", lambda ps: so.SAGE([p for _, p, _ in ps], foreach=True), (sage, sage)),
-        Case("SinkGD, hidden only (for-loop)", lambda ps: so.SinkGD(hidden(ps), lr=2e-3, foreach=False),
+        Case("SinkSAGE (for-loop)", lambda ps: so.SinkSAGE(_hybrid_groups(ps), foreach=False, fused=False), (sinkgd_passes, sage)),
+        Case("SinkSAGE (foreach)", lambda ps: so.SinkSAGE(_hybrid_groups(ps), foreach=True, fused=False), (sinkgd_passes, sage)),
+        Case("SAGE, every param (for-loop)", lambda ps: so.SAGE([p for _, p, _ in ps], foreach=False, fused=False), (sage, sage)),
+        Case("SAGE, every param (foreach)", lambda ps: so.SAGE([p for _, p, _ in ps], foreach=True, fused=False), (sage, sage)),
+        Case("SinkGD, hidden only (for-loop)", lambda ps: so.SinkGD(hidden(ps), lr=2e-3, foreach=False, fused=False),
              (sinkgd_passes, 0)),
-        Case("SinkGD, hidden only (foreach)", lambda ps: so.SinkGD(hidden(ps), lr=2e-3, foreach=True),
+        Case("SinkGD, hidden only (foreach)", lambda ps: so.SinkGD(hidden(ps), lr=2e-3, foreach=True, fused=False),
              (sinkgd_passes, 0)),
-        Case("Lion (for-loop)", lambda ps: so.Lion([p for _, p, _ in ps], foreach=False), (lion, lion)),
+        Case("Lion (for-loop)", lambda ps: so.Lion([p for _, p, _ in ps], foreach=False, fused=False), (lion, lion)),
     ]
     if with_compile:
         cases.append(Case("SinkSAGE (compile)", lambda ps: so.SinkSAGE(_hybrid_groups(ps), compile=True),
                           (sinkgd_passes, sage), track_peak=False))
+    if with_fused:
+        cases += [
+            Case("SinkSAGE (fused)", lambda ps: so.SinkSAGE(_hybrid_groups(ps), fused=True), (sinkgd_passes, sage)),
+            Case("SAGE, every param (fused)", lambda ps: so.SAGE([p for _, p, _ in ps], fused=True), (sage, sage)),
+            Case("SinkGD, hidden only (fused)", lambda ps: so.SinkGD(hidden(ps), lr=2e-3, fused=True),
+                 (sinkgd_passes, 0)),
+            Case("Lion (fused)", lambda ps: so.Lion([p for _, p, _ in ps], fused=True), (lion, lion)),
+        ]
     return cases
 
 
@@ -227,12 +235,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, metavar="LABEL",
                         help="run only the cases whose label contains one of these substrings")
     parser.add_argument("--compile", action="store_true", help="also time SinkSAGE(compile=True)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the fused=True (Triton) paths (default: on CUDA devices)")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring step temporaries")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be ≥ 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fused is None:
+        args.fused = args.device.startswith("cuda")
+    cases = _cases(iters=5, with_compile=args.compile, with_fused=args.fused)
     shapes = llama_named_shapes(*SHAPE_PRESETS[args.preset])
     numel = {"hidden": sum(math.prod(s) for _, s, r in shapes if r == "hidden")}
     numel["other"] = sum(math.prod(s) for _, s, r in shapes) - numel["hidden"]
@@ -248,13 +261,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # the cases take turns step by step: drift on a shared machine then hits them all alike.
     params = _make_params(shapes, args.device)
     optimizers: dict[str, Any] = {}
-    for case in _cases(iters=5, with_compile=args.compile):
+    for case in cases:
         if args.only and not any(s in case.label for s in args.only):
             continue
         try:
             optimizers[case.label] = case.build(params)
             optimizers[case.label].step()  # warm-up: lazy state, allocator, compilation
-        except (RuntimeError, ValueError) as exc:  # e.g. fused AdamW unavailable on this device/torch
+        except (RuntimeError, ValueError, ImportError) as exc:  # e.g. fused AdamW or Triton unavailable here
             print(f"{case.label:32s}  unavailable: {exc}")
             optimizers.pop(case.label, None)
     sync()
@@ -266,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sync()
             times[label].append(time.perf_counter() - start)
     results: dict[str, tuple[float, float, Optional[int]]] = {}
-    for case in _cases(iters=5, with_compile=args.compile):
+    for case in cases:
         if case.label not in optimizers:
             continue
         peak = None

@@ -227,10 +227,11 @@ class RuleOptimizer(Optimizer):
         for group, rule, params, grads, names in work:
             states = [self._init_state(p, rule.state_spec(p, group)) for p in params]
             group_view = group
+            if group.get("fused") is None:  # an explicit foreach= or compile= choice wins over the default
+                automatic = group.get("foreach") is None and not group.get("compile") and _default_fused(params)
+                group_view = dict(group_view, fused=automatic)
             if group.get("foreach") is None:
                 group_view = dict(group_view, foreach=dist_support.default_foreach(params))
-            if group.get("fused") is None:
-                group_view = dict(group_view, fused=not group.get("compile") and _default_fused(params))
             local_params, local_grads, shards = dist_support.prepare(params, grads, names, rule)
             local_states = [dist_support.local_state(s) for s in states]
             rule.step(group_view, local_params, local_grads, local_states, shards)

@@ -14,7 +14,8 @@ COMMON_ARGS = r"""
         fused (bool, optional): run SAGE/Lion/SinkGD steps through the Triton kernels of
             :mod:`sage_optim.kernels` (SAGE: one pass for the column statistic, one for θ and m; SinkGD: one
             sweep over G per Sinkhorn iteration, one for θ). ``None`` (default) picks them when every
-            parameter of a group is on CUDA and Triton is installed (the ``[triton]`` extra); ``True`` on
+            parameter of a group is on CUDA, Triton is installed (the ``[triton]`` extra) and neither
+            ``foreach`` nor ``compile`` was chosen explicitly; ``True`` on
             CPU tensors raises ``ValueError`` unless ``TRITON_INTERPRET=1``. AdamW groups are unaffected.
         verify_every (int | None): under FSDP2/DTensor sharding, every N steps gather one sharded parameter
             and check that the sharded update equals the single-process one; raise ``RuntimeError`` naming
