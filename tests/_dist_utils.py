@@ -126,7 +126,7 @@ def _make_optimizer(kind: str, params: Any, **extra: Any) -> Any:
 
 
 def _raw_parity(kind: str, shapes: list[tuple[int, ...]], *, foreach: Optional[bool], steps: int = 5,
-                verify: bool = False) -> dict[str, Any]:
+                verify: bool = False, fused: Optional[bool] = None) -> dict[str, Any]:
     """Raw DTensor parameters ``distribute_tensor(..., [Shard(0)])`` against plain tensors."""
     import torch
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -138,8 +138,9 @@ def _raw_parity(kind: str, shapes: list[tuple[int, ...]], *, foreach: Optional[b
     plain = [torch.nn.Parameter(t.clone()) for t in init]
     sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
     names = [f"p{i}{tuple(s)}" for i, s in enumerate(shapes)]
-    ref_opt = _make_optimizer(kind, list(zip(names, plain)), foreach=foreach)
-    opt = _make_optimizer(kind, list(zip(names, sharded)), foreach=foreach)
+    # the reference is the plain for-loop/foreach path; ``fused`` selects the sharded run's path
+    ref_opt = _make_optimizer(kind, list(zip(names, plain)), foreach=foreach, fused=False)
+    opt = _make_optimizer(kind, list(zip(names, sharded)), foreach=foreach, fused=fused)
     verifier = verify_step(opt, every=1) if verify else None
     collectives = []
     for step in range(steps):
@@ -269,6 +270,18 @@ def raw_sage_code_compat(args: dict[str, Any]) -> Any:
 def raw_sinkgd(args: dict[str, Any]) -> Any:
     return {f"{kind} foreach={fe}": _raw_parity(kind, MATRIX_SHAPES, foreach=fe)
             for kind in ("sinkgd-uniform", "sinkgd-sr") for fe in (None, False)}
+
+
+@scenario
+def raw_fused(args: dict[str, Any]) -> Any:
+    """fused=True (Triton kernels; run by Triton's interpreter on these CPU ranks) on Shard(0) DTensors."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return {}  # the test is skipped without the [triton] extra
+    return {"sage": _raw_parity("sage", MATRIX_SHAPES + VECTOR_SHAPES, foreach=None, fused=True, steps=3),
+            **{kind: _raw_parity(kind, MATRIX_SHAPES, foreach=None, fused=True, steps=3)
+               for kind in ("sinkgd-uniform", "sinkgd-sr")}}
 
 
 @scenario

@@ -7,6 +7,7 @@ reference. World size 2 runs by default (one launch for all parity scenarios); w
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ from _dist_utils import MATRIX_SHAPES, TOLERANCE, VECTOR_SHAPES, launch, result
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 ROOT = Path(__file__).resolve().parents[1]
-PARITY_SCENARIOS = ["raw_sage", "raw_sage_code_compat", "raw_sinkgd", "llama_sinksage", "llama_verify_step",
+PARITY_SCENARIOS = ["raw_sage", "raw_sage_code_compat", "raw_sinkgd", "raw_fused", "llama_sinksage", "llama_verify_step",
                     "reduction_skipped", "tp_refused", "two_shard_groups_refused", "nonfinite_agree", "ddp_plain"]
 
 
@@ -60,6 +61,18 @@ def test_sinkgd_on_shard0_dtensors_matches_single_process_uniform_and_sr(two_ran
     for label, run in runs.items():
         assert_parity(run, label)
     assert_ranks_agree(two_ranks, "raw_sinkgd")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the [triton] extra is not installed")
+def test_fused_kernels_on_shard0_dtensors_match_single_process(two_ranks) -> None:
+    runs = result(two_ranks, "raw_fused")
+    assert set(runs) == {"sage", "sinkgd-uniform", "sinkgd-sr"}
+    for label, run in runs.items():
+        assert_parity(run, f"fused {label}")
+        assert all(step == run["planned"] for step in run["collectives"]), label
+    # SinkGD's fused path reduces each matrix's float64 column sums once per iteration
+    assert len(runs["sinkgd-sr"]["collectives"][0]) == 1 + 5 * len(MATRIX_SHAPES)
+    assert_ranks_agree(two_ranks, "raw_fused")
 
 
 def test_sinksage_on_fsdp2_llama_matches_single_process_tied_and_untied(two_ranks) -> None:

@@ -27,7 +27,8 @@ def _sage_statistic_dtype(param_dtype: torch.dtype, ndim: int) -> torch.dtype:
     return _local_statistic(grad, col_ema, 1.0, 0.5).dtype
 
 
-def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None) -> list[Collective]:
+def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
+                     fused: Optional[bool] = None) -> list[Collective]:
     """The all-reduces one step issues when every parameter is a ``Shard(0)`` DTensor on one 1-D mesh
     and has a gradient (payload per collective; a ring all-reduce moves about twice that per rank).
 
@@ -36,7 +37,10 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None) ->
             meta-device parameters are fine).
         foreach: the path the step takes; default ``True`` (what DTensor parameters get by default).
             ``False``: SinkGD reduces per matrix instead of per same-shape chunk.
+        fused: the Triton path (SinkGD reduces per matrix, in float64); default: what the step would choose
+            (``fused=None`` groups: on for CUDA parameters with Triton installed, unless ``foreach=`` is set).
     """
+    from ..optim._base import uses_fused
     from ..optim._rules import RULES
 
     plan = [Collective("all_reduce", 1, torch.float32, "mesh")]  # the finite-gradient flag
@@ -46,6 +50,7 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None) ->
         if not params or not rule.reduces_over_rows:
             continue
         batched = (group.get("foreach") if group.get("foreach") is not None else True) if foreach is None else foreach
+        use_fused = uses_fused(group, params) if fused is None else fused
         if rule.name == "sage":
             # one flat buffer per compute dtype: column sums (matrices), [Σ Ŝ², Σ s²] (vectors)
             sizes: dict[torch.dtype, int] = {}
@@ -57,6 +62,9 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None) ->
         elif rule.name == "sinkgd":
             iters = int(group["iters"])
             cols = [math.prod(p.shape[1:]) for p in params]
+            if use_fused:
+                plan.extend(Collective("all_reduce", m, torch.float64, "mesh") for m in cols for _ in range(iters))
+                continue
             if not batched:
                 for p, m in zip(params, cols):
                     plan.extend(Collective("all_reduce", m, compute_dtype(p.dtype), "mesh") for _ in range(iters))

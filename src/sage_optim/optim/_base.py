@@ -17,7 +17,7 @@ from .. import distributed as dist_support
 from ..routing import PartitionReport, PartitionRow
 from ._rules import RULES, Rule, StateSpec
 
-__all__ = ["RuleOptimizer", "StateBytes", "NonFiniteGradientError", "NONFINITE_POLICIES"]
+__all__ = ["RuleOptimizer", "StateBytes", "NonFiniteGradientError", "NONFINITE_POLICIES", "uses_fused"]
 
 NONFINITE_POLICIES = ("raise", "skip")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
@@ -78,6 +78,14 @@ def _default_fused(params: list[Tensor]) -> bool:
     from .. import kernels
 
     return kernels.available()
+
+
+def uses_fused(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """Whether a step of ``group`` over ``params`` takes the Triton path: ``fused`` when set; for ``None``,
+    an explicit ``foreach=`` or ``compile=True`` wins, else CUDA parameters with Triton installed."""
+    if group.get("fused") is not None:
+        return bool(group["fused"])
+    return group.get("foreach") is None and not group.get("compile") and _default_fused(params)
 
 
 class RuleOptimizer(Optimizer):
@@ -227,9 +235,8 @@ class RuleOptimizer(Optimizer):
         for group, rule, params, grads, names in work:
             states = [self._init_state(p, rule.state_spec(p, group)) for p in params]
             group_view = group
-            if group.get("fused") is None:  # an explicit foreach= or compile= choice wins over the default
-                automatic = group.get("foreach") is None and not group.get("compile") and _default_fused(params)
-                group_view = dict(group_view, fused=automatic)
+            if group.get("fused") is None:
+                group_view = dict(group_view, fused=uses_fused(group, params))
             if group.get("foreach") is None:
                 group_view = dict(group_view, foreach=dist_support.default_foreach(params))
             local_params, local_grads, shards = dist_support.prepare(params, grads, names, rule)
