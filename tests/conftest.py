@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
     # note: before anything imports Triton (it reads this once): without a GPU the fused=True kernels run in
     # Triton's interpreter, so tests/test_kernels.py checks their numerics on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:  # decorated now, in interpreter mode, whatever a test later sets TRITON_INTERPRET to
+        import sage_optim.kernels.triton_kernels  # noqa: F401
+    except ImportError:
+        pass
 
 
 def pytest_collection_modifyitems(config, items):

@@ -59,6 +59,15 @@ _needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, r
     pytest.param(lambda m: so.SinkSAGE(m, fused=True), id="SinkSAGE-fused", marks=_needs_triton),
 ])
 def test_step_temporaries_stay_within_one_largest_parameter(make) -> None:
+    _assert_step_temporaries_bounded(make)
+
+
+def test_fused_c_kernels_allocate_no_full_size_temporary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors to the C kernels, not Triton's interpreter
+    _assert_step_temporaries_bounded(lambda m: so.SinkSAGE(m, fused=True, state_dtype=torch.bfloat16))
+
+
+def _assert_step_temporaries_bounded(make) -> None:
     torch.manual_seed(0)
     model = TinyLM()
     opt = make(model)

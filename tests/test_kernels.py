@@ -1,11 +1,14 @@
-"""The fused=True (Triton) path against the for-loop path.
+"""The fused=True paths (C on CPU, Triton on CUDA) against the for-loop path.
 
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before Triton
-is imported), which executes the same kernel code on CPU tensors; with a GPU the same tests compile them
-for CUDA. The bf16-parameter case needs real bf16 loads, which the interpreter lacks, so it is GPU-only.
+Every test runs once per backend. Without a GPU: the C kernels, and the Triton kernels in Triton's
+interpreter (TRITON_INTERPRET=1 sends CPU tensors to them; conftest.py sets it before Triton is imported,
+as Triton reads it once), which executes the same kernel code on CPU tensors. With a GPU: the C kernels and
+the Triton kernels compiled for CUDA. The bf16-parameter case needs real bf16 loads, which the interpreter
+lacks, so its Triton variant is GPU-only.
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -14,13 +17,29 @@ import torch
 import sage_optim as so
 from optim_db import OPTIMIZERS, all_inputs, input_id
 
-pytest.importorskip("triton", reason="the [triton] extra is not installed (CI installs it with [dev])")
 ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+#: (name, device of the tensors); the Triton backend is skipped without the [triton] extra (CI has it)
+BACKENDS = [("c", "cpu"), ("triton", "cuda" if ON_GPU else "cpu")]
 
 # small shapes: the interpreter runs each program in numpy; (1, 5) and (6, 1) are degenerate matrices,
 # (40, 70) spans several row and column blocks of every kernel, (9, 4, 3) has trailing dims to flatten
 SHAPES = [(7,), (1, 5), (6, 1), (40, 70), (9, 4, 3)]
+DEVICE = "cpu"  # set per test by the backend fixture
+
+
+@pytest.fixture(params=BACKENDS, ids=[b[0] for b in BACKENDS])
+def backend(request, monkeypatch):
+    global DEVICE
+    name, DEVICE = request.param
+    if name == "triton":
+        if not HAS_TRITON:
+            pytest.skip("the [triton] extra is not installed")
+        if DEVICE == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return request.param
 
 
 def _params(info, dtype, seed=0):
@@ -48,7 +67,7 @@ def _run_pair(info, kwargs, dtype, steps, grad_dtype=None):
 
 
 @pytest.mark.parametrize("pair", all_inputs(), ids=input_id)
-def test_fused_matches_the_for_loop_in_float64(pair):
+def test_fused_matches_the_for_loop_in_float64(pair, backend):
     info, inp = pair
     a, b, _, _ = _run_pair(info, inp.kwargs, torch.float64, steps=4)
     for pa, pb in zip(a, b):
@@ -56,7 +75,7 @@ def test_fused_matches_the_for_loop_in_float64(pair):
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
-def test_fused_matches_the_for_loop_in_float32(info):
+def test_fused_matches_the_for_loop_in_float32(info, backend):
     a, b, _, _ = _run_pair(info, {}, torch.float32, steps=3)
     for pa, pb in zip(a, b):
         # a sign can flip where the direction is within float32 rounding of 0; none does at these values
@@ -64,7 +83,7 @@ def test_fused_matches_the_for_loop_in_float32(info):
 
 
 @pytest.mark.parametrize("name", ["SAGE", "Lion", "SinkSAGE"])
-def test_fused_bf16_momentum_matches_the_for_loop(name):
+def test_fused_bf16_momentum_matches_the_for_loop(name, backend):
     info = next(i for i in OPTIMIZERS if i.name == name)
     a, b, opt_a, opt_b = _run_pair(info, {"state_dtype": torch.bfloat16}, torch.float32, steps=3)
     for pa, pb in zip(a, b):
@@ -78,15 +97,16 @@ def test_fused_bf16_momentum_matches_the_for_loop(name):
             assert (mb != ma).float().mean() < 0.01
 
 
-@pytest.mark.skipif(not ON_GPU, reason="bf16 loads need a GPU (Triton's interpreter reads bf16 as zeros)")
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
-def test_fused_bf16_parameters_match_the_for_loop(info):
+def test_fused_bf16_parameters_match_the_for_loop(info, backend):
+    if backend == ("triton", "cpu"):
+        pytest.skip("bf16 loads need a GPU (Triton's interpreter reads bf16 as zeros)")
     a, b, _, _ = _run_pair(info, {}, torch.bfloat16, steps=3)
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pb.float(), pa.float(), atol=1e-2, rtol=1e-2)
 
 
-def test_strided_parameters_take_the_blocked_path_and_still_match():
+def test_strided_parameters_take_the_blocked_path_and_still_match(backend):
     base = torch.randn(30, 20, dtype=torch.float64, device=DEVICE)
     a = [torch.nn.Parameter(base.clone().t())]  # non-contiguous
     b = [torch.nn.Parameter(base.clone().t())]
@@ -99,7 +119,7 @@ def test_strided_parameters_take_the_blocked_path_and_still_match():
     torch.testing.assert_close(b[0], a[0], atol=1e-12, rtol=1e-12)
 
 
-def test_sinkgd_fused_handles_tiny_and_huge_gradients_like_the_for_loop():
+def test_sinkgd_fused_handles_tiny_and_huge_gradients_like_the_for_loop(backend):
     for magnitude in (1e-30, 1e30):
         a = [torch.nn.Parameter(torch.zeros(12, 9, device=DEVICE))]
         b = [torch.nn.Parameter(torch.zeros(12, 9, device=DEVICE))]
@@ -115,25 +135,9 @@ def test_sinkgd_fused_handles_tiny_and_huge_gradients_like_the_for_loop():
 def test_fused_is_chosen_automatically_only_for_cuda_parameters():
     from sage_optim.optim._base import _default_fused
 
-    assert _default_fused([torch.zeros(3)]) is False
-    if ON_GPU:
+    assert _default_fused([torch.zeros(3)]) is False  # CPU: opt in (the C kernels are built on first use)
+    if ON_GPU and HAS_TRITON:
         assert _default_fused([torch.zeros(3, device="cuda")]) is True
-
-
-def test_fused_true_on_cpu_without_the_interpreter_refuses_before_updating_anything(monkeypatch):
-    if ON_GPU:
-        pytest.skip("this machine runs the kernels on CUDA; the refusal is for CPU tensors")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
-    before = [p.detach().clone() for p in params]
-    opt = so.SinkSAGE([{"params": params[:1], "rule": "sinkgd"},
-                       {"params": params[1:], "rule": "sage", "fused": False}], fused=True)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    with pytest.raises(ValueError, match=r"fused=True runs Triton kernels on CUDA tensors.*pass fused=False"):
-        opt.step()
-    for p, p0 in zip(params, before):
-        assert torch.equal(p, p0)
 
 
 def test_fused_argument_errors_are_clear(monkeypatch):
@@ -142,6 +146,40 @@ def test_fused_argument_errors_are_clear(monkeypatch):
         so.SAGE(params, fused="yes")
     with pytest.raises(ValueError, match="fused=True and compile=True"):
         so.SAGE(params, fused=True, compile=True)
+    from sage_optim import kernels
+
     monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
     with pytest.raises(ImportError, match=r"pip install 'sage-optim\[triton\]'"):
-        so.SAGE(params, fused=True)
+        kernels.backend(torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"fused=True has kernels for CUDA and CPU tensors.*pass fused=False"):
+        kernels.backend(torch.device("meta"))
+
+
+def test_a_missing_c_compiler_is_reported_before_anything_is_updated(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors to the C backend
+    from sage_optim.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setenv("SAGE_OPTIM_CACHE", str(tmp_path))  # nothing cached: a build is needed
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    params[0].grad = torch.randn(4, 3)
+    before = params[0].detach().clone()
+    with pytest.raises(RuntimeError, match="no C compiler was found.*pass fused=False"):
+        so.SAGE(params, fused=True).step()
+    assert torch.equal(params[0], before)
+
+
+def test_the_c_library_is_cached_and_not_rebuilt(monkeypatch, tmp_path):
+    from sage_optim.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setenv("SAGE_OPTIM_CACHE", str(tmp_path))
+    cpu.library()
+    built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp"))
+    monkeypatch.setattr(cpu, "_library", None)
+    mtime = built[0].stat().st_mtime_ns
+    cpu.library()  # a second process would load the cached file, not rebuild
+    assert built[0].stat().st_mtime_ns == mtime

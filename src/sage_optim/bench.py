@@ -235,16 +235,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, metavar="LABEL",
                         help="run only the cases whose label contains one of these substrings")
     parser.add_argument("--compile", action="store_true", help="also time SinkSAGE(compile=True)")
-    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time the fused=True (Triton) paths (default: on CUDA devices)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the fused=True paths: C kernels on CPU, Triton on CUDA (default: on)")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring step temporaries")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be ≥ 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.fused is None:
-        args.fused = args.device.startswith("cuda")
     cases = _cases(iters=5, with_compile=args.compile, with_fused=args.fused)
     shapes = llama_named_shapes(*SHAPE_PRESETS[args.preset])
     numel = {"hidden": sum(math.prod(s) for _, s, r in shapes if r == "hidden")}

@@ -48,14 +48,11 @@ class Workspace:
         return buffer[:numel]
 
 
-def triton_kernels():  # type: ignore[no-untyped-def]
-    """The Triton kernel module (imported on first use; a clear ImportError without the extra)."""
+def fused_kernels(device: torch.device):  # type: ignore[no-untyped-def]
+    """The ``fused=True`` kernel module for ``device`` (Triton on CUDA, C on CPU; imported on first use)."""
     from .. import kernels
 
-    kernels.require()
-    from ..kernels import triton_kernels as module
-
-    return module
+    return kernels.backend(device)
 
 
 def as_rows(t: Tensor) -> Tensor:

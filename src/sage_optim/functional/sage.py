@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _compiled
 from ._common import (AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, row_blocks,
-                      triton_kernels)
+                      fused_kernels)
 
 __all__ = ["sage", "column_abs_mean"]
 
@@ -55,7 +55,7 @@ def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
         rows = max(g.shape[0] if global_rows is None else global_rows, 1)
         matrix = as_rows(g)
         if fused:
-            return triton_kernels().column_abs_sums(matrix.contiguous(), rows).reshape(g.shape[1:])
+            return fused_kernels(g.device).column_abs_sums(matrix.contiguous(), rows).reshape(g.shape[1:])
         scratch = scratch if scratch is not None else Workspace()
         # note: on CPU the blocks are summed first and the O(d) total divided once, checked afterwards
         # (reading it is free there): a block sum overflows only for |g| near float32's max, and then
@@ -163,8 +163,10 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                        global_shapes=global_shapes, scratch=scratch, fused=fused)
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
     for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
-        if fused and param.is_contiguous() and exp_avg.is_contiguous():
-            triton_kernels().sign_update(param, grad.contiguous(), exp_avg, h, **hparams)
+        kernels = fused_kernels(grad.device) if fused else None
+        if kernels is not None and param.is_contiguous() and exp_avg.is_contiguous() \
+                and kernels.supports_update(param, grad, exp_avg):
+            kernels.sign_update(param, grad.contiguous(), exp_avg, h, **hparams)
         elif compiled:
             _compiled.sage_update(param, grad, exp_avg, h, **hparams)
         else:
@@ -279,8 +281,9 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
             listed statistics, which parameters are sharded, and their unsharded shapes.
         compiled: run the element-wise update as one ``torch.compile`` kernel per tensor (reads θ, g, m
             once, writes θ, m once; hyperparameters as 0-D tensors, so no recompiles). Overrides ``foreach``.
-        fused: the Triton kernels of :mod:`sage_optim.kernels`: the column statistic in one pass over g and
-            the update in one pass over θ, g, m (non-contiguous tensors take the for-loop's blocked path).
+        fused: the kernels of :mod:`sage_optim.kernels` (Triton on CUDA, C on CPU): the column statistic in one
+            pass over g and the update in one pass over θ, g, m (non-contiguous tensors, and dtype mixes a
+            backend lacks, take the for-loop's blocked path).
             Overrides ``compiled`` and ``foreach``.
     """
     if not params:

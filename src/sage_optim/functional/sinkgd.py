@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _compiled
-from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, triton_kernels
+from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, fused_kernels
 
 __all__ = ["sinkgd", "sinkhorn_scalings", "max_abs", "NORMALIZATIONS"]
 
@@ -200,23 +200,24 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
                   scale: float, normalization: Normalization, eps: float, maximize: bool,
                   all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
                   global_shapes: Optional[Sequence[Sequence[int]]]) -> None:
-    """The Triton path: per Sinkhorn iteration one sweep over G's row blocks (row step + column sums with
-    G/s squared on the fly, SPEC §3's single-pass form), then the O(m) column step here; then one pass
-    for θ. Hyperparameters stay on the device, so a step reads nothing back to the host.
+    """The kernel path (Triton on CUDA, C on CPU): per Sinkhorn iteration one sweep over G's row blocks (row
+    step + column sums, G/s squared on the fly: SPEC §3's single pass), then the O(m) column step here; then
+    one pass for θ. Hyperparameters stay on the device, so a CUDA step reads nothing back to the host.
     """
-    kernels = triton_kernels()
     step_size = -lr * scale * (-1.0 if maximize else 1.0)
     for i, (param, grad) in enumerate(zip(params, grads)):
         g = as_rows(as_compute(grad)).contiguous()
+        kernels = fused_kernels(g.device)
         n, m = g.shape
         n_global = global_shapes[i][0] if global_shapes is not None else n
         reduce = all_reduce if (sharded is not None and sharded[i]) else None
-        on = dict(dtype=g.dtype, device=g.device)
-        grad_scale = max_abs(g)
+        scaling_dtype = kernels.scaling_dtype(g.dtype)
+        on = dict(dtype=scaling_dtype, device=g.device)
+        grad_scale = kernels.grad_scale(g).to(**on)
         row_target = math.sqrt(m) if normalization == "sr" else 1.0
         col_target = math.sqrt(n_global) if normalization == "sr" else 1.0
         # [s, ε of this iteration, target, cap]; the first row step uses ε/s (see sinkhorn_scalings)
-        row_hparams = torch.tensor([1.0, eps, row_target, math.sqrt(_limit(g.dtype, n))], **on)
+        row_hparams = torch.tensor([1.0, eps, row_target, math.sqrt(_limit(scaling_dtype, n))], **on)
         row_hparams[0:1] = grad_scale
         row_hparams[1:2] = eps / grad_scale
         eps64 = torch.tensor(eps, dtype=torch.float64, device=g.device)
@@ -225,13 +226,13 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
         for iteration in range(iters):
             if iteration == 1:
                 row_hparams[1] = eps
-            col_squares = torch.ones(m, **on) if cols is None else cols.square().to(g.dtype)
+            col_squares = torch.ones(m, **on) if cols is None else cols.square().to(scaling_dtype)
             col_sq = kernels.sinkhorn_row_pass(g, rows, col_squares, row_hparams)
             if reduce is not None:
                 reduce([col_sq])
             cols = _column_step(cols, col_sq, eps=eps, eps64=eps64, target=col_target,
-                                cap=math.sqrt(_limit(g.dtype, m)))
-        col_scaling = torch.ones(m, **on) if cols is None else cols.to(g.dtype)
+                                cap=math.sqrt(_limit(scaling_dtype, m)))
+        col_scaling = torch.ones(m, dtype=g.dtype, device=g.device) if cols is None else cols.to(g.dtype)
         apply_hparams = torch.tensor([1.0 - lr * weight_decay, step_size, 1.0], **on)
         apply_hparams[2:3] = grad_scale
         target = param if param.is_contiguous() else param.contiguous()
@@ -287,8 +288,8 @@ def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay
             or "sr" (norms sqrt(m) and sqrt(n), as in the SinkGD paper; = sqrt(n) × uniform).
         eps: added to each norm.  foreach: stack same-shape matrices and use batched mat-vecs.
         compiled: apply X = diag(r)·G·diag(c) and the update in one ``torch.compile`` kernel per matrix.
-        fused: the Triton kernels of :mod:`sage_optim.kernels` (one sweep over G per iteration, G ⊙ G never
-            stored; one pass for θ). Overrides ``compiled`` and ``foreach``.
+        fused: the kernels of :mod:`sage_optim.kernels`, Triton on CUDA and C on CPU (one sweep over G per
+            iteration, G ⊙ G never stored; one pass for θ). Overrides ``compiled`` and ``foreach``.
         all_reduce, sharded, global_shapes: for dim-0-sharded parameters (see :func:`sage`).
     """
     if not params:

@@ -1,18 +1,23 @@
-"""Optional fused Triton kernels for the element-wise SAGE/Lion update and SinkGD's Sinkhorn passes.
+"""Fused kernels behind ``fused=True``: SAGE/Lion's element-wise update and column statistic, SinkGD's
+single-pass Sinkhorn sweep and apply — one pass over memory each.
 
-Nothing here is imported by the package itself: :mod:`sage_optim.functional` loads this module only for
-``fused=True`` steps. Triton comes with the ``[triton]`` extra. The kernels run on CUDA tensors; with
-``TRITON_INTERPRET=1`` Triton's interpreter runs them on CPU tensors too (slowly), which is how CI tests
-their numerics against the for-loop path without a GPU.
+Two backends with one interface, chosen by the tensors' device (:func:`backend`):
+
+- CUDA: Triton (:mod:`.triton_kernels`, the ``[triton]`` extra).
+- CPU: C (:mod:`.cpu`, ``cpu_kernels.c`` built with the system's C compiler on first use). With
+  ``TRITON_INTERPRET=1`` CPU tensors go to the Triton kernels instead, run by Triton's interpreter (slowly):
+  that is how the tests check the Triton code without a GPU.
+
+Nothing here is imported by the package itself; :mod:`sage_optim.functional` loads it for fused steps.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
-__all__ = ["available", "interpreting", "require", "check_devices"]
+__all__ = ["available", "interpreting", "require", "check_devices", "backend"]
 
 
 def interpreting() -> bool:
@@ -32,12 +37,35 @@ def available() -> bool:
 def require() -> None:
     """Raise a clear ImportError when Triton is missing."""
     if not available():
-        raise ImportError("fused=True needs Triton: pip install 'sage-optim[triton]' (or pass fused=False)")
+        raise ImportError("fused=True on CUDA tensors needs Triton: pip install 'sage-optim[triton]' "
+                          "(or pass fused=False)")
 
 
 def check_devices(devices: Iterable[torch.device]) -> None:
-    """Refuse devices the kernels cannot run on, with the fix in the message."""
+    """Refuse devices without kernels (and CUDA without Triton), with the fix in the message; build the C
+    kernels for CPU tensors if they are not yet."""
     for device in devices:
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(f"fused=True runs Triton kernels on CUDA tensors, got a tensor on {device}; pass "
-                             "fused=False (or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"fused=True has kernels for CUDA and CPU tensors, got a tensor on {device}; "
+                             "pass fused=False")
+        if device.type == "cuda" or interpreting():
+            require()
+        else:
+            from . import cpu
+
+            cpu.library()  # built now, before any parameter of the step is touched
+
+
+def backend(device: torch.device) -> Any:
+    """The kernel module for tensors on ``device``: Triton for CUDA (and for CPU under TRITON_INTERPRET=1),
+    else C on CPU."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        require()
+        from . import triton_kernels
+
+        return triton_kernels
+    if device.type == "cpu":
+        from . import cpu
+
+        return cpu
+    raise ValueError(f"fused=True has kernels for CUDA and CPU tensors, got a tensor on {device}; pass fused=False")

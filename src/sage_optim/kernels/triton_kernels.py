@@ -211,3 +211,21 @@ def sinkgd_apply(param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, hparam
     block_r, block_c = 16, 64
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
     _sinkgd_apply_kernel[grid](param, grad, rows, cols, hparams, n_rows, n_cols, BLOCK_R=block_r, BLOCK_C=block_c)
+
+
+def supports_update(param: Tensor, grad: Tensor, exp_avg: Tensor) -> bool:
+    """Every floating dtype combination: the kernel converts on load and store."""
+    del param, grad, exp_avg
+    return True
+
+
+def scaling_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """Sinkhorn's r and c are kept in the gradient's compute dtype inside the kernels."""
+    return grad_dtype
+
+
+def grad_scale(grad: Tensor) -> Tensor:
+    """s = max |G| (1 for an all-zero G): G/s is formed on the fly, so its squares cannot overflow."""
+    from ..functional.sinkgd import max_abs
+
+    return max_abs(grad)

@@ -111,10 +111,6 @@ class RuleOptimizer(Optimizer):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
         if fused and compile:
             raise ValueError("fused=True and compile=True are two ways to fuse the update; pass only one")
-        if fused:
-            from .. import kernels
-
-            kernels.require()
         if verify_every is not None and (isinstance(verify_every, bool) or not isinstance(verify_every, int)
                                          or verify_every < 1):
             raise ValueError(f"verify_every must be None or an integer >= 1, got {verify_every!r}")

@@ -1,0 +1,182 @@
+"""``fused=True`` on CPU tensors: the C kernels of ``cpu_kernels.c``, built on first use and loaded with ctypes.
+
+The build needs only a C compiler (``$CC``, else ``cc``/``gcc``/``clang``) — no Python or torch headers — and
+takes about a second. The library is cached under ``$SAGE_OPTIM_CACHE`` (default ``~/.cache/sage-optim``)
+/kernels, keyed by the source, the compiler, its flags and this CPU (it is built with ``-march=native``).
+OpenMP comes from the runtime torch already loaded, and the thread count from ``torch.get_num_threads()``.
+
+Same interface as :mod:`sage_optim.kernels.triton_kernels`. Scalings (Sinkhorn's r and c) are float64 here,
+and float32 gradients need no G/s pass: their squares cannot overflow float64.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+_lock = threading.Lock()
+_library: Optional[ctypes.CDLL] = None
+
+_P, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+_SIGNATURES = {
+    "sign_update": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT, _INT],
+    "column_abs_sums": [_P, _P, _I64, _I64, _INT],
+    "sinkhorn_row_pass": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT],
+    "sinkgd_apply": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _INT],
+}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SAGE_OPTIM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sage-optim")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> bytes:
+    try:  # -march=native code must never be loaded on another CPU model
+        info = Path("/proc/cpuinfo").read_text(errors="replace").split("\n\n")[0]
+        return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags"))).encode()
+    except OSError:
+        return platform.processor().encode()
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    raise RuntimeError("fused=True on CPU tensors builds a small C kernel on first use, but no C compiler was "
+                       "found; install gcc (or set CC), or pass fused=False")
+
+
+def _build(path: Path, compiler: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+    errors = []
+    for openmp in (["-fopenmp"], []):  # a compiler without OpenMP still gets a (single-threaded) library
+        done = subprocess.run([compiler, *_FLAGS, *openmp, str(_SOURCE), "-o", str(tmp), "-lm"],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, path)  # atomic: concurrent builders never load a half-written file
+            return
+        errors.append(done.stderr.strip()[-1500:])
+    raise RuntimeError(f"building the fused CPU kernels with {compiler} failed; pass fused=False. "
+                       f"Compiler output:\n{errors[-1]}")
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernels (built and cached on first use)."""
+    global _library
+    with _lock:
+        if _library is None:
+            compiler = _compiler()
+            key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join([compiler, *_FLAGS]).encode(),
+                                              _cpu_signature()])).hexdigest()[:16]
+            path = _cache_dir() / f"cpu_kernels-{key}.so"
+            if not path.exists():
+                _build(path, compiler)
+            lib = ctypes.CDLL(str(path))
+            for name, argtypes in _SIGNATURES.items():
+                for suffix in ("f32", "f64"):
+                    getattr(lib, f"{name}_{suffix}").argtypes = argtypes
+            lib.sign_update_f32_bf16m.argtypes = _SIGNATURES["sign_update"]
+            _library = lib
+    return _library
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _rows_cols(t: Tensor) -> tuple[int, int]:
+    numel = t.numel()
+    return (t.shape[0], numel // t.shape[0]) if t.ndim >= 2 and t.shape[0] else (1, numel)
+
+
+def supports_update(param: Tensor, grad: Tensor, exp_avg: Tensor) -> bool:
+    """Parameter, gradient and momentum dtypes the C update handles (else the caller's blocked torch path)."""
+    return (grad.dtype in _SUFFIX and param.dtype == grad.dtype
+            and (exp_avg.dtype == grad.dtype or (exp_avg.dtype == torch.bfloat16 and grad.dtype == torch.float32)))
+
+
+def scaling_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """Sinkhorn's r and c are float64 here."""
+    del grad_dtype
+    return torch.float64
+
+
+def grad_scale(grad: Tensor) -> Tensor:
+    """s for G/s: 1 for float32 (its squares fit float64: no pass needed), max |G| for float64."""
+    if grad.dtype == torch.float64:
+        from ..functional.sinkgd import max_abs
+
+        return max_abs(grad)
+    return torch.ones((), dtype=torch.float64)
+
+
+def sign_update(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,
+                weight_decay: float, beta1: float, beta2: float, code_compat: bool) -> None:
+    """SAGE's (``damper=None``: Lion's) element-wise step of one contiguous tensor, in place."""
+    if grad.numel() == 0:
+        return
+    rows, cols = _rows_cols(grad)
+    suffix = "f32_bf16m" if exp_avg.dtype == torch.bfloat16 else _SUFFIX[grad.dtype]
+    h = None if damper is None else damper.reshape(-1).to(grad.dtype).contiguous()
+    getattr(library(), f"sign_update_{suffix}")(
+        _ptr(param), _ptr(grad), _ptr(exp_avg), _ptr(h), rows, cols, lr, 1.0 - lr * weight_decay, 1.0 - beta1,
+        1.0 - beta2, int(code_compat), _threads())
+
+
+def column_abs_sums(matrix: Tensor, divisor: int) -> Tensor:
+    """Σ_rows |matrix| / ``divisor`` per column of a contiguous (n, m) matrix, as a float64 m-vector."""
+    rows, cols = matrix.shape
+    out = torch.zeros(cols, dtype=torch.float64)
+    if matrix.numel():
+        getattr(library(), f"column_abs_sums_{_SUFFIX[matrix.dtype]}")(_ptr(matrix), _ptr(out), rows, cols,
+                                                                       _threads())
+    return out.div_(divisor)
+
+
+def sinkhorn_row_pass(grad: Tensor, rows: Tensor, col_squares: Tensor, hparams: Tensor) -> Tensor:
+    """r ← min(r / (r ⊙ sqrt((G/s)² (c²)) + ε) · target, cap) in place; return Σ_i r_i² (G_ij/s)² (float64).
+
+    ``rows``, ``col_squares`` (= c²) and ``hparams`` = [s, ε, target, cap] are float64.
+    """
+    n_rows, n_cols = grad.shape
+    out = torch.zeros(n_cols, dtype=torch.float64)
+    if grad.numel():
+        scale, eps, target, cap = hparams.tolist()
+        getattr(library(), f"sinkhorn_row_pass_{_SUFFIX[grad.dtype]}")(
+            _ptr(grad), _ptr(rows), _ptr(col_squares), _ptr(out), n_rows, n_cols, scale, eps, target, cap,
+            _threads())
+    return out
+
+
+def sinkgd_apply(param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, hparams: Tensor) -> None:
+    """θ ← θ·decay + step·r_i·(G_ij/s)·c_j in place; ``hparams`` = [decay, step, s]; ``cols`` in G's dtype."""
+    if grad.numel() == 0:
+        return
+    if param.dtype != grad.dtype:  # e.g. bf16 θ: the product in G's dtype, then one rounding into θ
+        wide = param.to(grad.dtype)
+        sinkgd_apply(wide, grad, rows, cols, hparams)
+        param.copy_(wide)
+        return
+    decay, step, scale = hparams.tolist()
+    n_rows, n_cols = grad.shape
+    getattr(library(), f"sinkgd_apply_{_SUFFIX[grad.dtype]}")(
+        _ptr(param), _ptr(grad), _ptr(rows), _ptr(cols), n_rows, n_cols, decay, step, scale, _threads())

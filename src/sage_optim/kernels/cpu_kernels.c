@@ -1,0 +1,163 @@
+/* CPU kernels behind fused=True on CPU tensors (sage_optim/kernels/cpu.py builds and loads this file).
+ *
+ * The same four operations as the Triton kernels, one pass over memory each:
+ *   sign_update        SAGE/Lion: read θ, g, m once, write θ, m once
+ *   column_abs_sums    SAGE's statistic: Σ_rows |g| per column, one read of g
+ *   sinkhorn_row_pass  one Sinkhorn iteration's row step and the column sums it feeds: per row, the row
+ *                      norm with the current c, the new r, then r² (G/s)² added to the column sums while
+ *                      the row is still in cache (SPEC §3's single pass)
+ *   sinkgd_apply       θ ← θ·decay + f_i · G_ij · c_j, f_i = step · r_i / s
+ * Every function exists for float32 (suffix _f32) and float64 (_f64) tensors; bf16 momentum is passed as its
+ * 16-bit pattern and rounded to nearest-even on store, exactly as torch's copy_ rounds.
+ * Threads: OpenMP, the runtime torch itself loaded (same soname), with the count passed in from torch.
+ * Sums are accumulated in double. Compiled with -ffp-contract=off so that a*b+c is never fused: the
+ * element-wise update then rounds exactly like the eager torch ops it replaces.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float out;
+    memcpy(&out, &wide, sizeof out);
+    return out;
+}
+
+static inline uint16_t f32_to_bf16(float value) {
+    uint32_t wide;
+    memcpy(&wide, &value, sizeof wide);
+    if ((wide & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((wide >> 16) | 0x40u); /* NaN stays NaN */
+    return (uint16_t)((wide + 0x7fffu + ((wide >> 16) & 1u)) >> 16);
+}
+
+/* ---------------------------------------------------------------------------------------- SAGE / Lion */
+#define SIGN_UPDATE(NAME, T, M_T, LOAD_M, STORE_M)                                                           \
+    void NAME(T *param, const T *grad, M_T *exp_avg, const T *damper, int64_t rows, int64_t cols, double lr,  \
+              double decay, double weight1, double weight2, int code_compat, int threads) {                   \
+        const T lr_t = (T)lr, decay_t = (T)decay, w1 = (T)weight1, w2 = (T)weight2;                            \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                     \
+        for (int64_t r = 0; r < rows; ++r) {                                                                  \
+            T *p = param + r * cols;                                                                          \
+            const T *g = grad + r * cols;                                                                     \
+            M_T *m = exp_avg + r * cols;                                                                      \
+            for (int64_t j = 0; j < cols; ++j) {                                                              \
+                T mj = LOAD_M(m[j]);                                                                          \
+                T gj = g[j];                                                                                  \
+                T direction;                                                                                  \
+                if (code_compat) {                                                                            \
+                    mj = mj + w2 * (gj - mj);                                                                 \
+                    direction = mj + w1 * (gj - mj);                                                          \
+                } else {                                                                                      \
+                    direction = mj + w1 * (gj - mj);                                                          \
+                    mj = mj + w2 * (gj - mj);                                                                 \
+                }                                                                                             \
+                T sign = direction > 0 ? (T)1 : (direction < 0 ? (T)-1 : (T)0);                                \
+                T step = damper ? sign * damper[j] : sign;                                                    \
+                T decayed = p[j] * decay_t;                                                                   \
+                p[j] = decayed - lr_t * step;                                                                 \
+                m[j] = STORE_M(mj);                                                                           \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+#define SAME(x) (x)
+SIGN_UPDATE(sign_update_f32, float, float, SAME, SAME)
+SIGN_UPDATE(sign_update_f64, double, double, SAME, SAME)
+SIGN_UPDATE(sign_update_f32_bf16m, float, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* ---------------------------------------------------------------------------------------- statistic */
+#define COLUMN_ABS_SUMS(NAME, T)                                                                              \
+    void NAME(const T *matrix, double *out, int64_t rows, int64_t cols, int threads) {                        \
+        if (threads < 1) threads = 1;                                                                         \
+        double *partial = calloc((size_t)threads * (size_t)cols, sizeof(double));                            \
+        _Pragma("omp parallel num_threads(threads)")                                                          \
+        {                                                                                                     \
+            int t = 0;                                                                                        \
+            int nt = 1;                                                                                       \
+            GET_THREAD(t, nt);                                                                                \
+            double *acc = partial + (int64_t)t * cols;                                                        \
+            for (int64_t r = rows * t / nt; r < rows * (t + 1) / nt; ++r) {                                   \
+                const T *row = matrix + r * cols;                                                             \
+                for (int64_t j = 0; j < cols; ++j) acc[j] += fabs((double)row[j]);                            \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int64_t j = 0; j < cols; ++j) {                                                                  \
+            double total = 0;                                                                                 \
+            for (int t = 0; t < threads; ++t) total += partial[(int64_t)t * cols + j];                        \
+            out[j] = total;                                                                                   \
+        }                                                                                                     \
+        free(partial);                                                                                        \
+    }
+
+#ifdef _OPENMP
+#include <omp.h>
+#define GET_THREAD(t, nt) do { t = omp_get_thread_num(); nt = omp_get_num_threads(); } while (0)
+#else
+#define GET_THREAD(t, nt) do { t = 0; nt = 1; } while (0)
+#endif
+
+COLUMN_ABS_SUMS(column_abs_sums_f32, float)
+COLUMN_ABS_SUMS(column_abs_sums_f64, double)
+
+/* ---------------------------------------------------------------------------------------- SinkGD */
+/* rows_scaling (n) is updated in place: r ← min(r / (r·sqrt(Σ_j (G_ij/s)² c_j²) + eps) · target, cap);
+ * out (m) receives Σ_i r_i² (G_ij/s)² with the new r. col_squares (m) holds c². */
+#define SINKHORN_ROW_PASS(NAME, T)                                                                            \
+    void NAME(const T *grad, double *rows_scaling, const double *col_squares, double *out, int64_t rows,      \
+              int64_t cols, double grad_scale, double eps, double target, double cap, int threads) {          \
+        if (threads < 1) threads = 1;                                                                         \
+        double *partial = calloc((size_t)threads * (size_t)cols, sizeof(double));                            \
+        const double inv_scale = 1.0 / grad_scale;                                                            \
+        _Pragma("omp parallel num_threads(threads)")                                                          \
+        {                                                                                                     \
+            int t = 0;                                                                                        \
+            int nt = 1;                                                                                       \
+            GET_THREAD(t, nt);                                                                                \
+            double *acc = partial + (int64_t)t * cols;                                                        \
+            for (int64_t r = rows * t / nt; r < rows * (t + 1) / nt; ++r) {                                   \
+                const T *row = grad + r * cols;                                                               \
+                double row_sq = 0;                                                                            \
+                for (int64_t j = 0; j < cols; ++j) {                                                          \
+                    double x = (double)row[j] * inv_scale;                                                    \
+                    row_sq += x * x * col_squares[j];                                                         \
+                }                                                                                             \
+                double scaling = rows_scaling[r];                                                             \
+                scaling = scaling / (scaling * sqrt(row_sq) + eps) * target;                                  \
+                if (scaling > cap) scaling = cap;                                                             \
+                rows_scaling[r] = scaling;                                                                    \
+                const double scaling_sq = scaling * scaling;                                                  \
+                for (int64_t j = 0; j < cols; ++j) {                                                          \
+                    double x = (double)row[j] * inv_scale;                                                    \
+                    acc[j] += scaling_sq * (x * x);                                                           \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int64_t j = 0; j < cols; ++j) {                                                                  \
+            double total = 0;                                                                                 \
+            for (int t = 0; t < threads; ++t) total += partial[(int64_t)t * cols + j];                        \
+            out[j] = total;                                                                                   \
+        }                                                                                                     \
+        free(partial);                                                                                        \
+    }
+
+SINKHORN_ROW_PASS(sinkhorn_row_pass_f32, float)
+SINKHORN_ROW_PASS(sinkhorn_row_pass_f64, double)
+
+/* θ_ij ← θ_ij·decay + (step·r_i/s) · G_ij · c_j; cols_scaling in θ's compute type. */
+#define SINKGD_APPLY(NAME, T)                                                                                 \
+    void NAME(T *param, const T *grad, const double *rows_scaling, const T *cols_scaling, int64_t rows,       \
+              int64_t cols, double decay, double step, double grad_scale, int threads) {                      \
+        const T decay_t = (T)decay;                                                                           \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                     \
+        for (int64_t r = 0; r < rows; ++r) {                                                                  \
+            const T factor = (T)(step * rows_scaling[r] / grad_scale);                                        \
+            T *p = param + r * cols;                                                                          \
+            const T *g = grad + r * cols;                                                                     \
+            for (int64_t j = 0; j < cols; ++j) p[j] = p[j] * decay_t + factor * (g[j] * cols_scaling[j]);     \
+        }                                                                                                     \
+    }
+
+SINKGD_APPLY(sinkgd_apply_f32, float)
+SINKGD_APPLY(sinkgd_apply_f64, double)
