@@ -119,11 +119,13 @@ def test_strided_parameters_take_the_blocked_path_and_still_match(backend):
     torch.testing.assert_close(b[0], a[0], atol=1e-12, rtol=1e-12)
 
 
-def test_sinkgd_fused_handles_tiny_and_huge_gradients_like_the_for_loop(backend):
-    for magnitude in (1e-30, 1e30):
-        a = [torch.nn.Parameter(torch.zeros(12, 9, device=DEVICE))]
-        b = [torch.nn.Parameter(torch.zeros(12, 9, device=DEVICE))]
-        grad = torch.randn(12, 9, device=DEVICE) * magnitude
+@pytest.mark.parametrize("dtype, magnitudes", [(torch.float32, (1e-30, 1e30)), (torch.float64, (1e-310, 1e300))],
+                         ids=["float32", "float64-subnormal-and-huge"])
+def test_sinkgd_fused_handles_tiny_and_huge_gradients_like_the_for_loop(backend, dtype, magnitudes):
+    for magnitude in magnitudes:
+        a = [torch.nn.Parameter(torch.zeros(12, 9, dtype=dtype, device=DEVICE))]
+        b = [torch.nn.Parameter(torch.zeros(12, 9, dtype=dtype, device=DEVICE))]
+        grad = torch.randn(12, 9, dtype=dtype, device=DEVICE) * magnitude
         grad[3] = 0  # an all-zero row stays finite
         for params, fused in ((a, False), (b, True)):
             params[0].grad = grad.clone()

@@ -212,10 +212,19 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
         n_global = global_shapes[i][0] if global_shapes is not None else n
         reduce = all_reduce if (sharded is not None and sharded[i]) else None
         scaling_dtype = kernels.scaling_dtype(g.dtype)
-        on = dict(dtype=scaling_dtype, device=g.device)
-        grad_scale = kernels.grad_scale(g).to(**on)
         row_target = math.sqrt(m) if normalization == "sr" else 1.0
         col_target = math.sqrt(n_global) if normalization == "sr" else 1.0
+        target = param if param.is_contiguous() else param.contiguous()
+        if reduce is None and kernels.sinkgd_step is not None:  # the whole step in one call
+            kernels.sinkgd_step(target.view(n, m), g, iters=iters, eps=eps, row_target=row_target,
+                                col_target=col_target, row_cap=math.sqrt(_limit(scaling_dtype, n)),
+                                col_cap=math.sqrt(_limit(scaling_dtype, m)), decay=1.0 - lr * weight_decay,
+                                step=step_size)
+            if target is not param:
+                param.copy_(target)
+            continue
+        on = dict(dtype=scaling_dtype, device=g.device)
+        grad_scale = kernels.grad_scale(g).to(**on)
         # [s, ε of this iteration, target, cap]; the first row step uses ε/s (see sinkhorn_scalings)
         row_hparams = torch.tensor([1.0, eps, row_target, math.sqrt(_limit(scaling_dtype, n))], **on)
         row_hparams[0:1] = grad_scale
@@ -235,7 +244,6 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
         col_scaling = torch.ones(m, dtype=g.dtype, device=g.device) if cols is None else cols.to(g.dtype)
         apply_hparams = torch.tensor([1.0 - lr * weight_decay, step_size, 1.0], **on)
         apply_hparams[2:3] = grad_scale
-        target = param if param.is_contiguous() else param.contiguous()
         kernels.sinkgd_apply(target.view(n, m), g, rows, col_scaling, apply_hparams)
         if target is not param:
             param.copy_(target)

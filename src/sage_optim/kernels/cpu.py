@@ -34,6 +34,7 @@ _SIGNATURES = {
     "column_abs_sums": [_P, _P, _I64, _I64, _INT],
     "sinkhorn_row_pass": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT],
     "sinkgd_apply": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _INT],
+    "sinkgd_step": [_P, _P, _I64, _I64, _INT, _F64, _F64, _F64, _F64, _F64, _F64, _F64, _F64, _INT],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -180,3 +181,25 @@ def sinkgd_apply(param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, hparam
     n_rows, n_cols = grad.shape
     getattr(library(), f"sinkgd_apply_{_SUFFIX[grad.dtype]}")(
         _ptr(param), _ptr(grad), _ptr(rows), _ptr(cols), n_rows, n_cols, decay, step, scale, _threads())
+
+
+def sinkgd_step(param: Tensor, grad: Tensor, *, iters: int, eps: float, row_target: float, col_target: float,
+                row_cap: float, col_cap: float, decay: float, step: float) -> None:
+    """A whole SinkGD step of one unsharded contiguous (n, m) matrix in one call (Sinkhorn loop, column steps
+    and apply in C): the per-iteration path costs ~1 ms of Python calls per matrix, more than its arithmetic."""
+    if grad.numel() == 0:
+        return
+    if param.dtype != grad.dtype:
+        wide = param.to(grad.dtype)
+        sinkgd_step(wide, grad, iters=iters, eps=eps, row_target=row_target, col_target=col_target,
+                    row_cap=row_cap, col_cap=col_cap, decay=decay, step=step)
+        param.copy_(wide)
+        return
+    scale = float(grad_scale(grad))
+    n_rows, n_cols = grad.shape
+    failed = getattr(library(), f"sinkgd_step_{_SUFFIX[grad.dtype]}")(
+        _ptr(param), _ptr(grad), n_rows, n_cols, iters, scale, eps, row_target, col_target, row_cap, col_cap,
+        decay, step, _threads())
+    if failed:
+        raise MemoryError(f"the fused SinkGD step could not allocate its O(n + m) vectors for a {n_rows} x {n_cols} "
+                          "matrix")

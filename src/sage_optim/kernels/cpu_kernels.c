@@ -104,12 +104,14 @@ COLUMN_ABS_SUMS(column_abs_sums_f64, double)
 /* ---------------------------------------------------------------------------------------- SinkGD */
 /* rows_scaling (n) is updated in place: r ← min(r / (r·sqrt(Σ_j (G_ij/s)² c_j²) + eps) · target, cap);
  * out (m) receives Σ_i r_i² (G_ij/s)² with the new r. col_squares (m) holds c². */
-#define SINKHORN_ROW_PASS(NAME, T)                                                                            \
+/* UNSCALE(x): x / s. float32 gradients come with s = 1 (their squares fit double), so a multiply by 1/s is
+ * exact there; float64 ones divide, since 1/s overflows for a subnormal s. */
+#define SINKHORN_ROW_PASS(NAME, T, UNSCALE)                                                                   \
     void NAME(const T *grad, double *rows_scaling, const double *col_squares, double *out, int64_t rows,      \
               int64_t cols, double grad_scale, double eps, double target, double cap, int threads) {          \
         if (threads < 1) threads = 1;                                                                         \
         double *partial = calloc((size_t)threads * (size_t)cols, sizeof(double));                            \
-        const double inv_scale = 1.0 / grad_scale;                                                            \
+        const double inv_scale = 1.0 / grad_scale; (void)inv_scale;                                         \
         _Pragma("omp parallel num_threads(threads)")                                                          \
         {                                                                                                     \
             int t = 0;                                                                                        \
@@ -119,8 +121,9 @@ COLUMN_ABS_SUMS(column_abs_sums_f64, double)
             for (int64_t r = rows * t / nt; r < rows * (t + 1) / nt; ++r) {                                   \
                 const T *row = grad + r * cols;                                                               \
                 double row_sq = 0;                                                                            \
+                _Pragma("omp simd reduction(+:row_sq)") /* a vectorised sum: reassociation allowed here */    \
                 for (int64_t j = 0; j < cols; ++j) {                                                          \
-                    double x = (double)row[j] * inv_scale;                                                    \
+                    double x = UNSCALE((double)row[j]);                                                       \
                     row_sq += x * x * col_squares[j];                                                         \
                 }                                                                                             \
                 double scaling = rows_scaling[r];                                                             \
@@ -129,7 +132,7 @@ COLUMN_ABS_SUMS(column_abs_sums_f64, double)
                 rows_scaling[r] = scaling;                                                                    \
                 const double scaling_sq = scaling * scaling;                                                  \
                 for (int64_t j = 0; j < cols; ++j) {                                                          \
-                    double x = (double)row[j] * inv_scale;                                                    \
+                    double x = UNSCALE((double)row[j]);                                                       \
                     acc[j] += scaling_sq * (x * x);                                                           \
                 }                                                                                             \
             }                                                                                                 \
@@ -142,8 +145,10 @@ COLUMN_ABS_SUMS(column_abs_sums_f64, double)
         free(partial);                                                                                        \
     }
 
-SINKHORN_ROW_PASS(sinkhorn_row_pass_f32, float)
-SINKHORN_ROW_PASS(sinkhorn_row_pass_f64, double)
+#define TIMES_INVERSE(x) ((x) * inv_scale)
+#define DIVIDED(x) ((x) / grad_scale)
+SINKHORN_ROW_PASS(sinkhorn_row_pass_f32, float, TIMES_INVERSE)
+SINKHORN_ROW_PASS(sinkhorn_row_pass_f64, double, DIVIDED)
 
 /* θ_ij ← θ_ij·decay + (step·r_i/s) · G_ij · c_j; cols_scaling in θ's compute type. */
 #define SINKGD_APPLY(NAME, T)                                                                                 \
@@ -161,3 +166,43 @@ SINKHORN_ROW_PASS(sinkhorn_row_pass_f64, double)
 
 SINKGD_APPLY(sinkgd_apply_f32, float)
 SINKGD_APPLY(sinkgd_apply_f64, double)
+
+/* One whole SinkGD step of an unsharded matrix in one call: L row passes, each followed by the column step
+ * c ← min(c / (c·sqrt(Σ_i r_i² (G_ij/s)²) + eps) · col_target, col_cap), then the apply. The first row step
+ * uses eps/s (SPEC §3 with G/s; see functional/sinkgd.py). Python calls per matrix: one, not ~12 per
+ * iteration — on CPU those calls cost more than the arithmetic of a 768 × 768 matrix. */
+#define SINKGD_STEP(NAME, T, SUFFIX)                                                                          \
+    int NAME(T *param, const T *grad, int64_t rows, int64_t cols, int iters, double grad_scale, double eps,   \
+             double row_target, double col_target, double row_cap, double col_cap, double decay, double step, \
+             int threads) {                                                                                   \
+        double *row_scaling = malloc(sizeof(double) * (size_t)(rows > 0 ? rows : 1));                         \
+        double *col_scaling = malloc(sizeof(double) * (size_t)(cols > 0 ? cols : 1));                         \
+        double *col_squares = malloc(sizeof(double) * (size_t)(cols > 0 ? cols : 1));                         \
+        double *col_sums = malloc(sizeof(double) * (size_t)(cols > 0 ? cols : 1));                            \
+        T *col_scaling_t = malloc(sizeof(T) * (size_t)(cols > 0 ? cols : 1));                                 \
+        if (!row_scaling || !col_scaling || !col_squares || !col_sums || !col_scaling_t) {                    \
+            free(row_scaling); free(col_scaling); free(col_squares); free(col_sums); free(col_scaling_t);    \
+            return 1;                                                                                         \
+        }                                                                                                     \
+        for (int64_t i = 0; i < rows; ++i) row_scaling[i] = 1.0;                                              \
+        for (int64_t j = 0; j < cols; ++j) col_scaling[j] = col_squares[j] = 1.0;                             \
+        for (int iteration = 0; iteration < iters; ++iteration) {                                             \
+            sinkhorn_row_pass_##SUFFIX(grad, row_scaling, col_squares, col_sums, rows, cols, grad_scale,       \
+                                       iteration == 0 ? eps / grad_scale : eps, row_target, row_cap, threads); \
+            for (int64_t j = 0; j < cols; ++j) {                                                              \
+                double c = col_scaling[j];                                                                    \
+                c = c / (c * sqrt(col_sums[j]) + eps) * col_target;                                           \
+                if (c > col_cap) c = col_cap;                                                                 \
+                col_scaling[j] = c;                                                                           \
+                col_squares[j] = c * c;                                                                       \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int64_t j = 0; j < cols; ++j) col_scaling_t[j] = (T)col_scaling[j];                              \
+        sinkgd_apply_##SUFFIX(param, grad, row_scaling, col_scaling_t, rows, cols, decay, step, grad_scale,   \
+                              threads);                                                                       \
+        free(row_scaling); free(col_scaling); free(col_squares); free(col_sums); free(col_scaling_t);        \
+        return 0;                                                                                             \
+    }
+
+SINKGD_STEP(sinkgd_step_f32, float, f32)
+SINKGD_STEP(sinkgd_step_f64, double, f64)

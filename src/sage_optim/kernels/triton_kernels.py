@@ -229,3 +229,8 @@ def grad_scale(grad: Tensor) -> Tensor:
     from ..functional.sinkgd import max_abs
 
     return max_abs(grad)
+
+
+#: No whole-step kernel here: on CUDA the per-iteration launches are asynchronous, so the host-side column step
+#: overlaps the device work (the C backend's whole-step call exists because CPU calls are synchronous).
+sinkgd_step = None
