@@ -185,3 +185,16 @@ def test_the_c_library_is_cached_and_not_rebuilt(monkeypatch, tmp_path):
     mtime = built[0].stat().st_mtime_ns
     cpu.library()  # a second process would load the cached file, not rebuild
     assert built[0].stat().st_mtime_ns == mtime
+
+
+def test_sage_fused_statistic_survives_gradients_whose_block_sums_overflow_float32(backend):
+    # 600 rows of |g| ~ 1e37: any 256-row float32 block sum overflows, the statistic itself does not
+    a = [torch.nn.Parameter(torch.zeros(600, 5, device=DEVICE))]
+    b = [torch.nn.Parameter(torch.zeros(600, 5, device=DEVICE))]
+    grad = torch.randn(600, 5, device=DEVICE).sign() * 1e37
+    for params, fused in ((a, False), (b, True)):
+        params[0].grad = grad.clone()
+        opt = so.SAGE(params, fused=fused, foreach=False)
+        opt.step()
+        assert torch.isfinite(opt.state[params[0]]["col_ema"]).all()
+    torch.testing.assert_close(b[0], a[0])

@@ -31,7 +31,7 @@ _library: Optional[ctypes.CDLL] = None
 _P, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _SIGNATURES = {
     "sign_update": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT, _INT],
-    "column_abs_sums": [_P, _P, _I64, _I64, _INT],
+    "column_abs_sums": [_P, _P, _I64, _I64, _INT],  # returns nonzero when it could not allocate
     "sinkhorn_row_pass": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT],
     "sinkgd_apply": [_P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _INT],
     "sinkgd_step": [_P, _P, _I64, _I64, _INT, _F64, _F64, _F64, _F64, _F64, _F64, _F64, _F64, _INT],
@@ -147,9 +147,9 @@ def column_abs_sums(matrix: Tensor, divisor: int) -> Tensor:
     """Σ_rows |matrix| / ``divisor`` per column of a contiguous (n, m) matrix, as a float64 m-vector."""
     rows, cols = matrix.shape
     out = torch.zeros(cols, dtype=torch.float64)
-    if matrix.numel():
-        getattr(library(), f"column_abs_sums_{_SUFFIX[matrix.dtype]}")(_ptr(matrix), _ptr(out), rows, cols,
-                                                                       _threads())
+    if matrix.numel() and getattr(library(), f"column_abs_sums_{_SUFFIX[matrix.dtype]}")(
+            _ptr(matrix), _ptr(out), rows, cols, _threads()):
+        raise MemoryError(f"the fused column statistic could not allocate its O(m) buffers ({rows} x {cols})")
     return out.div_(divisor)
 
 
