@@ -12,7 +12,6 @@ import logging
 import warnings
 from typing import Any, Iterator, Union
 
-import torch
 from torch import Tensor, nn
 
 
