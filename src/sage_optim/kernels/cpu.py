@@ -162,9 +162,10 @@ def sinkhorn_row_pass(grad: Tensor, rows: Tensor, col_squares: Tensor, hparams: 
     out = torch.zeros(n_cols, dtype=torch.float64)
     if grad.numel():
         scale, eps, target, cap = hparams.tolist()
-        getattr(library(), f"sinkhorn_row_pass_{_SUFFIX[grad.dtype]}")(
-            _ptr(grad), _ptr(rows), _ptr(col_squares), _ptr(out), n_rows, n_cols, scale, eps, target, cap,
-            _threads())
+        if getattr(library(), f"sinkhorn_row_pass_{_SUFFIX[grad.dtype]}")(
+                _ptr(grad), _ptr(rows), _ptr(col_squares), _ptr(out), n_rows, n_cols, scale, eps, target, cap,
+                _threads()):
+            raise MemoryError(f"the fused Sinkhorn sweep could not allocate its O(m) buffers ({n_rows} x {n_cols})")
     return out
 
 

@@ -67,6 +67,15 @@ SIGN_UPDATE(sign_update_f32, float, float, SAME, SAME)
 SIGN_UPDATE(sign_update_f64, double, double, SAME, SAME)
 SIGN_UPDATE(sign_update_f32_bf16m, float, uint16_t, bf16_to_f32, f32_to_bf16)
 
+/* out[j] = Σ_t partial[t][j]: the per-thread column sums of a pass, combined in a fixed order. */
+static void sum_thread_partials(const double *partial, double *out, int threads, int64_t cols) {
+    for (int64_t j = 0; j < cols; ++j) {
+        double total = 0;
+        for (int t = 0; t < threads; ++t) total += partial[(int64_t)t * cols + j];
+        out[j] = total;
+    }
+}
+
 /* ---------------------------------------------------------------------------------------- statistic */
 /* Rows are summed in float32 over blocks of STAT_BLOCK rows (16 lanes per instruction; the for-loop path sums
  * float32 blocks too) and each block's sums added into a float64 total. A block sum overflows only for |g|
@@ -82,13 +91,10 @@ SIGN_UPDATE(sign_update_f32_bf16m, float, uint16_t, bf16_to_f32, f32_to_bf16)
         if (!partial || !blocks || !wide_blocks) { free(partial); free(blocks); free(wide_blocks); return 1; }\
         _Pragma("omp parallel num_threads(threads)")                                                          \
         {                                                                                                     \
-            int t = 0;                                                                                        \
-            int nt = 1;                                                                                       \
-            GET_THREAD(t, nt);                                                                                \
+            THREAD_ROWS(t, first, last, rows);                                                                \
             double *acc = partial + (int64_t)t * cols;                                                        \
             BLOCK_T *block = blocks + (int64_t)t * cols;                                                      \
             double *wide_block = wide_blocks + (int64_t)t * cols;                                             \
-            int64_t first = rows * t / nt, last = rows * (t + 1) / nt;                                        \
             for (int64_t start = first; start < last; start += STAT_BLOCK) {                                  \
                 int64_t stop = start + STAT_BLOCK < last ? start + STAT_BLOCK : last;                         \
                 if (wide) {                                                                                   \
@@ -102,11 +108,7 @@ SIGN_UPDATE(sign_update_f32_bf16m, float, uint16_t, bf16_to_f32, f32_to_bf16)
                 }                                                                                             \
             }                                                                                                 \
         }                                                                                                     \
-        for (int64_t j = 0; j < cols; ++j) {                                                                  \
-            double total = 0;                                                                                 \
-            for (int t = 0; t < threads; ++t) total += partial[(int64_t)t * cols + j];                        \
-            out[j] = total;                                                                                   \
-        }                                                                                                     \
+        sum_thread_partials(partial, out, threads, cols);                                                     \
         free(partial); free(blocks); free(wide_blocks);                                                       \
         return 0;                                                                                             \
     }                                                                                                         \
@@ -123,6 +125,11 @@ SIGN_UPDATE(sign_update_f32_bf16m, float, uint16_t, bf16_to_f32, f32_to_bf16)
 #else
 #define GET_THREAD(t, nt) do { t = 0; nt = 1; } while (0)
 #endif
+/* Inside a parallel region: this thread's number t and its share [first, last) of the rows. */
+#define THREAD_ROWS(t, first, last, rows)                                                                     \
+    int t = 0, t##_count = 1;                                                                                 \
+    GET_THREAD(t, t##_count);                                                                                 \
+    const int64_t first = (rows) * t / t##_count, last = (rows) * (t + 1) / t##_count
 
 COLUMN_ABS_SUMS(column_abs_sums_f32, float, float)
 COLUMN_ABS_SUMS(column_abs_sums_f64, double, double)
@@ -133,18 +140,17 @@ COLUMN_ABS_SUMS(column_abs_sums_f64, double, double)
 /* UNSCALE(x): x / s. float32 gradients come with s = 1 (their squares fit double), so a multiply by 1/s is
  * exact there; float64 ones divide, since 1/s overflows for a subnormal s. */
 #define SINKHORN_ROW_PASS(NAME, T, UNSCALE)                                                                   \
-    void NAME(const T *grad, double *rows_scaling, const double *col_squares, double *out, int64_t rows,      \
+    int NAME(const T *grad, double *rows_scaling, const double *col_squares, double *out, int64_t rows,       \
               int64_t cols, double grad_scale, double eps, double target, double cap, int threads) {          \
         if (threads < 1) threads = 1;                                                                         \
         double *partial = calloc((size_t)threads * (size_t)cols, sizeof(double));                            \
+        if (!partial) return 1;                                                                               \
         const double inv_scale = 1.0 / grad_scale; (void)inv_scale;                                         \
         _Pragma("omp parallel num_threads(threads)")                                                          \
         {                                                                                                     \
-            int t = 0;                                                                                        \
-            int nt = 1;                                                                                       \
-            GET_THREAD(t, nt);                                                                                \
+            THREAD_ROWS(t, first, last, rows);                                                                \
             double *acc = partial + (int64_t)t * cols;                                                        \
-            for (int64_t r = rows * t / nt; r < rows * (t + 1) / nt; ++r) {                                   \
+            for (int64_t r = first; r < last; ++r) {                                                          \
                 const T *row = grad + r * cols;                                                               \
                 double row_sq = 0;                                                                            \
                 _Pragma("omp simd reduction(+:row_sq)") /* a vectorised sum: reassociation allowed here */    \
@@ -163,12 +169,9 @@ COLUMN_ABS_SUMS(column_abs_sums_f64, double, double)
                 }                                                                                             \
             }                                                                                                 \
         }                                                                                                     \
-        for (int64_t j = 0; j < cols; ++j) {                                                                  \
-            double total = 0;                                                                                 \
-            for (int t = 0; t < threads; ++t) total += partial[(int64_t)t * cols + j];                        \
-            out[j] = total;                                                                                   \
-        }                                                                                                     \
+        sum_thread_partials(partial, out, threads, cols);                                                     \
         free(partial);                                                                                        \
+        return 0;                                                                                             \
     }
 
 #define TIMES_INVERSE(x) ((x) * inv_scale)
@@ -213,8 +216,12 @@ SINKGD_APPLY(sinkgd_apply_f64, double)
         for (int64_t i = 0; i < rows; ++i) row_scaling[i] = 1.0;                                              \
         for (int64_t j = 0; j < cols; ++j) col_scaling[j] = col_squares[j] = 1.0;                             \
         for (int iteration = 0; iteration < iters; ++iteration) {                                             \
-            sinkhorn_row_pass_##SUFFIX(grad, row_scaling, col_squares, col_sums, rows, cols, grad_scale,       \
-                                       iteration == 0 ? eps / grad_scale : eps, row_target, row_cap, threads); \
+            if (sinkhorn_row_pass_##SUFFIX(grad, row_scaling, col_squares, col_sums, rows, cols, grad_scale,   \
+                                           iteration == 0 ? eps / grad_scale : eps, row_target, row_cap,      \
+                                           threads)) {                                                        \
+                free(row_scaling); free(col_scaling); free(col_squares); free(col_sums); free(col_scaling_t);\
+                return 1;                                                                                     \
+            }                                                                                                 \
             for (int64_t j = 0; j < cols; ++j) {                                                              \
                 double c = col_scaling[j];                                                                    \
                 c = c / (c * sqrt(col_sums[j]) + eps) * col_target;                                           \
