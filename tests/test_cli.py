@@ -266,6 +266,12 @@ def test_sweep_picks_the_lowest_validation_loss_and_compare_uses_it(tmp_path, da
     assert main(["plot", str(out)]) == 0
     assert (out / "results.md").exists() and (out / "val_loss.png").exists()
     assert main(["compare", "--preset", "cpu-tiny", "--optimizers", "adamw", "--tuned", str(tmp_path / "none")]) == 2
+    # extending the grid keeps the finished points (run again only for the new lr)
+    assert main(["sweep", "--preset", "cpu-tiny", "--optimizer", "lion", "--lrs", "3e-2", "1e-1", "--steps", "6",
+                 "--out", str(sweep_dir), *data_args]) == 0
+    extended = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [g["lr"] for g in extended["grid"]] == [1e-4, 3e-3, 3e-2, 1e-1]
+    assert {g["lr"]: g["val_loss"] for g in extended["grid"]}[1e-4] == losses[1e-4]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

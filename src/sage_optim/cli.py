@@ -312,24 +312,36 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     if len(lrs) < 2 or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
         raise UsageError(f"sweep needs at least two positive learning rates, got {lrs}")
     out = Path(args.out or f"runs/sweep-{args.preset}/{args.optimizer}")
-    grid = []
+    runs: dict[str, dict] = {}
     for lr in lrs:
         run_dir = out / f"lr{lr:.3g}"
         _run_once(args, overrides, optimizer=args.optimizer, seed=args.seed, run_dir=run_dir, lr=lr, label="sweep")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        grid.append({"lr": lr, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "run": run_dir.name})
+        runs[run_dir.name] = json.loads((run_dir / "summary.json").read_text())
+    # note: earlier points of the same sweep (same preset, seed, steps) stay in the grid, so a grid can be
+    # extended by sweeping only the new learning rates
+    first = next(iter(runs.values()))
+    for summary_path in sorted(out.glob("lr*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        same = all(summary.get(k) == first.get(k) for k in ("optimizer", "preset", "seed", "steps", "tokens"))
+        if summary_path.parent.name not in runs and same:
+            runs[summary_path.parent.name] = summary
+    grid = sorted(({"lr": float(summary["lr"]), "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"],
+                    "run": name} for name, summary in runs.items()), key=lambda g: g["lr"])
     finite = [g for g in grid if math.isfinite(g["val_loss"])]
     if not finite:
         raise UsageError(f"every learning rate of the sweep diverged: {lrs}")
     best = min(finite, key=lambda g: g["val_loss"])
+    edge = "" if len(grid) < 2 or best not in (grid[0], grid[-1]) else (
+        f"; the best lr is at the {'low' if best is grid[0] else 'high'} edge of the grid: extend it "
+        f"(sweep more --lrs into the same --out; finished points are kept)")
     result = {"optimizer": args.optimizer, "preset": args.preset, "seed": args.seed, "grid": grid,
               "best_lr": best["lr"], "default_lr": default_lr(args.optimizer),
-              "note": "best by final validation loss of one seed"}
+              "note": "best by final validation loss of one seed" + edge}
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for g in grid:
         print(f"{args.optimizer} lr {g['lr']:.3g}: val loss {g['val_loss']:.4f} ppl {g['val_ppl']:.1f}"
               f"{'   <- best' if g is best else ''}")
-    print(f"sweep: {out / 'sweep.json'}")
+    print(f"sweep: {out / 'sweep.json'}{edge}")
     return 0
 
 
