@@ -217,8 +217,8 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
         target = param if param.is_contiguous() else param.contiguous()
         if reduce is None and kernels.sinkgd_step is not None:  # the whole step in one call
             kernels.sinkgd_step(target.view(n, m), g, iters=iters, eps=eps, row_target=row_target,
-                                col_target=col_target, row_cap=math.sqrt(_limit(scaling_dtype, n)),
-                                col_cap=math.sqrt(_limit(scaling_dtype, m)), decay=1.0 - lr * weight_decay,
+                                col_target=col_target, row_cap=math.sqrt(_limit(kernels.cap_dtype(g.dtype), n)),
+                                col_cap=math.sqrt(_limit(kernels.cap_dtype(g.dtype), m)), decay=1.0 - lr * weight_decay,
                                 step=step_size)
             if target is not param:
                 param.copy_(target)
@@ -226,7 +226,7 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
         on = dict(dtype=scaling_dtype, device=g.device)
         grad_scale = kernels.grad_scale(g).to(**on)
         # [s, ε of this iteration, target, cap]; the first row step uses ε/s (see sinkhorn_scalings)
-        row_hparams = torch.tensor([1.0, eps, row_target, math.sqrt(_limit(scaling_dtype, n))], **on)
+        row_hparams = torch.tensor([1.0, eps, row_target, math.sqrt(_limit(kernels.cap_dtype(g.dtype), n))], **on)
         row_hparams[0:1] = grad_scale
         row_hparams[1:2] = eps / grad_scale
         eps64 = torch.tensor(eps, dtype=torch.float64, device=g.device)
@@ -240,7 +240,7 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
             if reduce is not None:
                 reduce([col_sq])
             cols = _column_step(cols, col_sq, eps=eps, eps64=eps64, target=col_target,
-                                cap=math.sqrt(_limit(scaling_dtype, m)))
+                                cap=math.sqrt(_limit(kernels.cap_dtype(g.dtype), m)))
         col_scaling = torch.ones(m, dtype=g.dtype, device=g.device) if cols is None else cols.to(g.dtype)
         apply_hparams = torch.tensor([1.0 - lr * weight_decay, step_size, 1.0], **on)
         apply_hparams[2:3] = grad_scale

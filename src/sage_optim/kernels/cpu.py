@@ -5,8 +5,8 @@ takes about a second. The library is cached under ``$SAGE_OPTIM_CACHE`` (default
 /kernels, keyed by the source, the compiler, its flags and this CPU (it is built with ``-march=native``).
 OpenMP comes from the runtime torch already loaded, and the thread count from ``torch.get_num_threads()``.
 
-Same interface as :mod:`sage_optim.kernels.triton_kernels`. Scalings (Sinkhorn's r and c) are float64 here,
-and float32 gradients need no G/s pass: their squares cannot overflow float64.
+Same interface as :mod:`sage_optim.kernels.triton_kernels`. Sinkhorn's r and c are stored in float64; the
+sweep over G runs in G's own precision on G/s (s = max |G|), as the for-loop path does.
 """
 from __future__ import annotations
 
@@ -116,18 +116,21 @@ def supports_update(param: Tensor, grad: Tensor, exp_avg: Tensor) -> bool:
 
 
 def scaling_dtype(grad_dtype: torch.dtype) -> torch.dtype:
-    """Sinkhorn's r and c are float64 here."""
+    """Sinkhorn's r and c are stored in float64 here (the sweep itself runs in the gradient's dtype)."""
     del grad_dtype
     return torch.float64
 
 
-def grad_scale(grad: Tensor) -> Tensor:
-    """s for G/s: 1 for float32 (its squares fit float64: no pass needed), max |G| for float64."""
-    if grad.dtype == torch.float64:
-        from ..functional.sinkgd import max_abs
+def cap_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose range bounds r and c: the sweep's arithmetic is in the gradient's dtype."""
+    return grad_dtype
 
-        return max_abs(grad)
-    return torch.ones((), dtype=torch.float64)
+
+def grad_scale(grad: Tensor) -> Tensor:
+    """s = max |G| (1 for an all-zero G): the sweep squares G/s, which cannot overflow."""
+    from ..functional.sinkgd import max_abs
+
+    return max_abs(grad)
 
 
 def sign_update(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,

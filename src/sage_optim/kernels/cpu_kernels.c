@@ -137,45 +137,57 @@ COLUMN_ABS_SUMS(column_abs_sums_f64, double, double)
 /* ---------------------------------------------------------------------------------------- SinkGD */
 /* rows_scaling (n) is updated in place: r ← min(r / (r·sqrt(Σ_j (G_ij/s)² c_j²) + eps) · target, cap);
  * out (m) receives Σ_i r_i² (G_ij/s)² with the new r. col_squares (m) holds c². */
-/* UNSCALE(x): x / s. float32 gradients come with s = 1 (their squares fit double), so a multiply by 1/s is
- * exact there; float64 ones divide, since 1/s overflows for a subnormal s. */
+/* The sweep works on x = G/s with s = max |G| (x ∈ [-1, 1]) in the gradient's own precision T, as the
+ * for-loop path does: float32 gradients get 16-lane float arithmetic. The caller caps r and c so that r², c²
+ * ≤ T's max / (4 · length): every product and sum below stays finite. Row norms and the new r are computed in
+ * float64; the column sums are accumulated in T over blocks of STAT_BLOCK rows, each block added into a
+ * float64 total. UNSCALE(x) is x · (1/s) for float32 (1/s of a normal float32 fits a double, and is rounded
+ * to T once) and x / s for float64 (1/s overflows for a subnormal s). */
 #define SINKHORN_ROW_PASS(NAME, T, UNSCALE)                                                                   \
     int NAME(const T *grad, double *rows_scaling, const double *col_squares, double *out, int64_t rows,       \
-              int64_t cols, double grad_scale, double eps, double target, double cap, int threads) {          \
+             int64_t cols, double grad_scale, double eps, double target, double cap, int threads) {           \
         if (threads < 1) threads = 1;                                                                         \
         double *partial = calloc((size_t)threads * (size_t)cols, sizeof(double));                            \
-        if (!partial) return 1;                                                                               \
-        const double inv_scale = 1.0 / grad_scale; (void)inv_scale;                                         \
+        T *blocks = calloc((size_t)threads * (size_t)cols, sizeof(T));                                       \
+        T *col_squares_t = malloc(sizeof(T) * (size_t)(cols > 0 ? cols : 1));                                 \
+        if (!partial || !blocks || !col_squares_t) { free(partial); free(blocks); free(col_squares_t); return 1; } \
+        for (int64_t j = 0; j < cols; ++j) col_squares_t[j] = (T)col_squares[j];                              \
+        const T inv_scale = (T)(1.0 / grad_scale); (void)inv_scale;                                          \
+        const T scale_t = (T)grad_scale; (void)scale_t;                                                      \
         _Pragma("omp parallel num_threads(threads)")                                                          \
         {                                                                                                     \
             THREAD_ROWS(t, first, last, rows);                                                                \
             double *acc = partial + (int64_t)t * cols;                                                        \
+            T *block = blocks + (int64_t)t * cols;                                                            \
             for (int64_t r = first; r < last; ++r) {                                                          \
                 const T *row = grad + r * cols;                                                               \
-                double row_sq = 0;                                                                            \
+                T row_sq = 0;                                                                                 \
                 _Pragma("omp simd reduction(+:row_sq)") /* a vectorised sum: reassociation allowed here */    \
                 for (int64_t j = 0; j < cols; ++j) {                                                          \
-                    double x = UNSCALE((double)row[j]);                                                       \
-                    row_sq += x * x * col_squares[j];                                                         \
+                    T x = UNSCALE(row[j]);                                                                    \
+                    row_sq += x * x * col_squares_t[j];                                                       \
                 }                                                                                             \
                 double scaling = rows_scaling[r];                                                             \
-                scaling = scaling / (scaling * sqrt(row_sq) + eps) * target;                                  \
+                scaling = scaling / (scaling * sqrt((double)row_sq) + eps) * target;                          \
                 if (scaling > cap) scaling = cap;                                                             \
                 rows_scaling[r] = scaling;                                                                    \
-                const double scaling_sq = scaling * scaling;                                                  \
+                const T scaling_sq = (T)(scaling * scaling);                                                  \
                 for (int64_t j = 0; j < cols; ++j) {                                                          \
-                    double x = UNSCALE((double)row[j]);                                                       \
-                    acc[j] += scaling_sq * (x * x);                                                           \
+                    T x = UNSCALE(row[j]);                                                                    \
+                    block[j] += scaling_sq * (x * x);                                                         \
+                }                                                                                             \
+                if ((r - first) % STAT_BLOCK == STAT_BLOCK - 1 || r == last - 1) {                           \
+                    for (int64_t j = 0; j < cols; ++j) { acc[j] += (double)block[j]; block[j] = 0; }         \
                 }                                                                                             \
             }                                                                                                 \
         }                                                                                                     \
         sum_thread_partials(partial, out, threads, cols);                                                     \
-        free(partial);                                                                                        \
+        free(partial); free(blocks); free(col_squares_t);                                                     \
         return 0;                                                                                             \
     }
 
 #define TIMES_INVERSE(x) ((x) * inv_scale)
-#define DIVIDED(x) ((x) / grad_scale)
+#define DIVIDED(x) ((x) / scale_t)
 SINKHORN_ROW_PASS(sinkhorn_row_pass_f32, float, TIMES_INVERSE)
 SINKHORN_ROW_PASS(sinkhorn_row_pass_f64, double, DIVIDED)
 

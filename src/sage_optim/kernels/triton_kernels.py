@@ -224,6 +224,11 @@ def scaling_dtype(grad_dtype: torch.dtype) -> torch.dtype:
     return grad_dtype
 
 
+def cap_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose range bounds r and c (the kernels' arithmetic dtype)."""
+    return grad_dtype
+
+
 def grad_scale(grad: Tensor) -> Tensor:
     """s = max |G| (1 for an all-zero G): G/s is formed on the fly, so its squares cannot overflow."""
     from ..functional.sinkgd import max_abs
