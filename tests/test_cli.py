@@ -262,9 +262,12 @@ def test_sweep_picks_the_lowest_validation_loss_and_compare_uses_it(tmp_path, da
                  "--out", str(out), "--tuned", str(tmp_path / "sweeps"), *data_args]) == 0
     summary = json.loads((out / "lion-seed42" / "summary.json").read_text())
     assert summary["lr"] == result["best_lr"]
+    results = (out / "results.md").read_text()
+    assert "| lion | " in results and "Learning rates: chosen by `sage-optim sweep`" in results
+    assert f"| {result['best_lr']:.3g} |" in results  # the sweep's grid and choice are part of the results
     (out / "results.md").unlink()
     assert main(["plot", str(out)]) == 0
-    assert (out / "results.md").exists() and (out / "val_loss.png").exists()
+    assert (out / "results.md").exists() and (out / "val_loss.png").exists() and (out / "ppl_vs_state.png").exists()
     assert main(["compare", "--preset", "cpu-tiny", "--optimizers", "adamw", "--tuned", str(tmp_path / "none")]) == 2
     # extending the grid keeps the finished points (run again only for the new lr)
     assert main(["sweep", "--preset", "cpu-tiny", "--optimizer", "lion", "--lrs", "3e-2", "1e-1", "--steps", "6",

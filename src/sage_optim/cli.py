@@ -20,7 +20,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = ["main", "state_bytes_table"]
 
@@ -104,10 +104,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     p.add_argument("--config", metavar="FILE")
 
-    p = sub.add_parser("plot", help="redraw results.md and val_loss.png of a compare directory from its runs",
+    p = sub.add_parser("plot", help="redraw results.md and the plots of a compare directory from its runs",
                        description="Read <DIR>/<optimizer>-seed<seed>/{summary.json,metrics.jsonl} and write "
-                       "results.md and val_loss.png without training.")
+                       "results.md, val_loss.png and ppl_vs_state.png without training.")
     p.add_argument("dir", help="a compare output directory")
+    p.add_argument("--tuned", metavar="DIR", help="also list the learning-rate grids of DIR/<name>/sweep.json")
 
     p = sub.add_parser("memory", help="optimizer-state bytes of every optimizer for a preset's model",
                        description="Build the preset's model on the meta device (no memory) and count the "
@@ -274,17 +275,33 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
             run_dir = out / f"{name}-seed{seed}"
             runs.setdefault(name, []).append(run_dir)
             _run_once(args, overrides, optimizer=name, seed=seed, run_dir=run_dir, lr=lr, label="compare")
-    _write_results(out, runs)
+    _write_results(out, runs, args.tuned)
     return 0
 
 
-def _write_results(out: Path, runs: dict[str, list[Path]]) -> None:
+def _write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None) -> None:
     summaries = {name: [json.loads((d / "summary.json").read_text()) for d in dirs] for name, dirs in runs.items()}
-    table = _results_table(summaries)
+    table = _results_table(summaries) + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else "")
     (out / "results.md").write_text(table, encoding="utf-8")
-    plot = _plot_val_loss(runs, out / "val_loss.png")
+    plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
     print(table, end="")
-    print(f"\nresults: {out / 'results.md'}\nplot: {plot}")
+    print(f"\nresults: {out / 'results.md'}\nplots: {', '.join(str(p) for p in plots)}")
+
+
+def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
+    """Markdown: every learning rate each optimizer's sweep tried, its val loss, and the one chosen."""
+    lines = ["", f"Learning rates: chosen by `sage-optim sweep` (best final validation loss; {tuned_dir}):", "",
+             "| optimizer | sweep (steps, seed) | lr: val loss | chosen |", "|---|---|---|---|"]
+    for name in names:
+        path = Path(tuned_dir) / name / "sweep.json"
+        if not path.exists():
+            lines.append(f"| {name} | no sweep | | default |")
+            continue
+        sweep = json.loads(path.read_text())
+        steps = json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"]
+        grid = ", ".join(f"{g['lr']:.3g}: {g['val_loss']:.4f}" for g in sweep["grid"])
+        lines.append(f"| {name} | {steps}, {sweep['seed']} | {grid} | {sweep['best_lr']:.3g} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
@@ -297,7 +314,7 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
         runs.setdefault(name, []).append(summary.parent)
     if not runs:
         raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
-    _write_results(out, runs)
+    _write_results(out, runs, args.tuned)
     return 0
 
 
@@ -354,12 +371,13 @@ def _mean_std(values: list[float]) -> str:
 
 def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per optimizer, ppl mean ± sample std over seeds."""
-    lines = ["| optimizer | lr | val ppl | test ppl | state bytes | tokens/s | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| optimizer | lr | val ppl | test ppl | state bytes | s/step | tokens/s | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rows in summaries.items():
         lines.append(
             f"| {name} | {rows[0]['lr']:g} | {_mean_std([r['val_ppl'] for r in rows])} "
             f"| {_mean_std([r['test_ppl'] for r in rows])} | {_human_bytes(rows[0]['state_bytes'])} "
+            f"| {statistics.fmean(r['train_time_s'] / max(r['steps'], 1) for r in rows):.3f} "
             f"| {statistics.fmean(r['tokens_per_s'] for r in rows):,.0f} "
             f"| {', '.join(str(r['seed']) for r in rows)} |")
     first = next(iter(summaries.values()))[0]
@@ -385,11 +403,40 @@ def _plot_val_loss(runs: dict[str, list[Path]], path: Path) -> Path:
                 if "val_loss" in row:
                     by_step.setdefault(row["step"], []).append(row["val_loss"])
         steps = sorted(by_step)
-        ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=name)
+        line, = ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=name)
+        if len(dirs) > 1:  # the band spans the seeds' lowest and highest loss at each evaluation
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (mean over seeds)")
+    ax.set_ylabel("validation loss (mean over seeds; band: min-max)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_ppl_vs_state(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Final validation perplexity (mean, error bar: sample std over seeds) against optimizer-state bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in summaries.items():
+        if rows[0].get("state_bytes") is None:
+            continue
+        ppl = [r["val_ppl"] for r in rows]
+        spread = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+        ax.errorbar(rows[0]["state_bytes"], statistics.fmean(ppl), yerr=spread, fmt="o", capsize=3, label=name)
+        ax.annotate(name, (rows[0]["state_bytes"], statistics.fmean(ppl)), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer state (bytes, log scale)")
+    ax.set_ylabel("final validation perplexity")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
