@@ -274,14 +274,26 @@ def raw_sinkgd(args: dict[str, Any]) -> Any:
 
 @scenario
 def raw_fused(args: dict[str, Any]) -> Any:
-    """fused=True (Triton kernels; run by Triton's interpreter on these CPU ranks) on Shard(0) DTensors."""
+    """fused=True on Shard(0) DTensors, both backends: C, and Triton run by its interpreter on these CPU ranks."""
     import importlib.util
+    import os
 
-    if importlib.util.find_spec("triton") is None:
-        return {}  # the test is skipped without the [triton] extra
-    return {"sage": _raw_parity("sage", MATRIX_SHAPES + VECTOR_SHAPES, foreach=None, fused=True, steps=3),
-            **{kind: _raw_parity(kind, MATRIX_SHAPES, foreach=None, fused=True, steps=3)
-               for kind in ("sinkgd-uniform", "sinkgd-sr")}}
+    backends = {"c": "0", **({"triton": "1"} if importlib.util.find_spec("triton") is not None else {})}
+    out = {}
+    before = os.environ.get("TRITON_INTERPRET")
+    try:
+        for backend, interpret in backends.items():
+            os.environ["TRITON_INTERPRET"] = interpret  # CPU tensors: "1" → Triton's interpreter, "0" → C
+            out[f"{backend} sage"] = _raw_parity("sage", MATRIX_SHAPES + VECTOR_SHAPES, foreach=None, fused=True,
+                                                 steps=3)
+            for kind in ("sinkgd-uniform", "sinkgd-sr"):
+                out[f"{backend} {kind}"] = _raw_parity(kind, MATRIX_SHAPES, foreach=None, fused=True, steps=3)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+    return out
 
 
 @scenario
