@@ -43,17 +43,11 @@ def require() -> None:
 
 def check_devices(devices: Iterable[torch.device]) -> None:
     """Refuse devices without kernels (and CUDA without Triton), with the fix in the message; build the C
-    kernels for CPU tensors if they are not yet."""
-    for device in devices:
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"fused=True has kernels for CUDA and CPU tensors, got a tensor on {device}; "
-                             "pass fused=False")
-        if device.type == "cuda" or interpreting():
-            require()
-        else:
-            from . import cpu
-
-            cpu.library()  # built now, before any parameter of the step is touched
+    kernels for CPU tensors if they are not yet, so a failed build happens before any parameter changes."""
+    for device in set(devices):
+        module = backend(device)
+        if hasattr(module, "library"):
+            module.library()
 
 
 def backend(device: torch.device) -> Any:
