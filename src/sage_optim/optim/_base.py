@@ -81,7 +81,7 @@ def _default_fused(params: list[Tensor]) -> bool:
 
 
 def uses_fused(group: dict[str, Any], params: list[Tensor]) -> bool:
-    """Whether a step of ``group`` over ``params`` takes the Triton path: ``fused`` when set; for ``None``,
+    """Whether a step of ``group`` over ``params`` takes the fused-kernel path: ``fused`` when set; for ``None``,
     an explicit ``foreach=`` or ``compile=True`` wins, else CUDA parameters with Triton installed."""
     if group.get("fused") is not None:
         return bool(group["fused"])
