@@ -297,6 +297,20 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path: Path, cache_dir
     assert all(t.dtype == torch.float32 for t in saved["model"].values() if t.is_floating_point())
 
 
+def test_a_run_stopped_after_its_final_checkpoint_resumes_to_its_summary(tmp_path: Path, cache_dir: Path) -> None:
+    # a kill during the final evaluation leaves the last checkpoint but no summary.json
+    done = train(tiny_config(tmp_path, cache_dir, steps=4), log=lambda m: None)
+    assert done is not None
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    (tmp_path / "summary.json").unlink()
+    again = train(tiny_config(tmp_path, cache_dir, steps=4), resume=True, log=lambda m: None)
+    assert again is not None and (tmp_path / "summary.json").exists()
+    assert again["val_loss"] == done["val_loss"] and again["test_loss"] == done["test_loss"]
+    assert read_metrics(tmp_path / "metrics.jsonl") == rows  # the final val row is not logged twice
+    with pytest.raises(ckpt.CheckpointError, match=r"already reached step 4; pass more --steps"):
+        train(tiny_config(tmp_path, cache_dir, steps=4), resume=True, log=lambda m: None)
+
+
 def test_resuming_with_another_optimizer_is_refused(tmp_path: Path, cache_dir: Path) -> None:
     cfg = tiny_config(tmp_path, cache_dir, steps=6, stop_at_step=3)
     assert train(cfg, log=lambda m: None) is None

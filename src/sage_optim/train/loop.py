@@ -176,7 +176,11 @@ def setup_run(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> Ru
         raise CheckpointError(f"{out} already holds checkpoints; pass --resume to continue that run "
                               "or choose another --out")
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path is not None else None  # fail before slow work
-    if ckpt is not None and ckpt["step"] >= cfg.train.steps:
+    # note: a checkpoint at exactly the last step without summary.json is a run stopped during its final
+    # evaluation; resuming it finishes that evaluation and writes the summary
+    finished = ckpt is not None and (ckpt["step"] > cfg.train.steps
+                                     or (ckpt["step"] == cfg.train.steps and (out / "summary.json").exists()))
+    if finished:
         raise CheckpointError(f"the run in {out} already reached step {ckpt['step']}; "
                               f"pass more --steps than that to continue it")
     if ckpt is not None and cfg.train.stop_at_step is not None and cfg.train.stop_at_step <= ckpt["step"]:
@@ -350,9 +354,12 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
 
     # final evaluation on validation and test, last checkpoint, summary
     step = cfg.train.steps
-    val_loss = eval_row(step)
-    clock["wall_s"] = time.perf_counter() - wall0
-    checkpoint(step)
+    if resume and start == step:  # stopped after the final checkpoint: its val row is already logged
+        val_loss = evaluate(model, run.val_batches, device=device, precision=precision)
+    else:
+        val_loss = eval_row(step)
+        clock["wall_s"] = time.perf_counter() - wall0
+        checkpoint(step)
     test_batches = fixed_batches(run.corpus.test, seq_len=cfg.data.seq_len, batch_size=cfg.eval.batch_size,
                                  n_batches=cfg.eval.test_batches, seed=0)
     test_loss = evaluate(model, test_batches, device=device, precision=precision)
