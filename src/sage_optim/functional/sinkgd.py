@@ -214,39 +214,47 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
         scaling_dtype = kernels.scaling_dtype(g.dtype)
         row_target = math.sqrt(m) if normalization == "sr" else 1.0
         col_target = math.sqrt(n_global) if normalization == "sr" else 1.0
+        row_cap, col_cap = (math.sqrt(_limit(kernels.cap_dtype(g.dtype), k)) for k in (n, m))
         target = param if param.is_contiguous() else param.contiguous()
         if reduce is None and kernels.sinkgd_step is not None:  # the whole step in one call
             kernels.sinkgd_step(target.view(n, m), g, iters=iters, eps=eps, row_target=row_target,
-                                col_target=col_target, row_cap=math.sqrt(_limit(kernels.cap_dtype(g.dtype), n)),
-                                col_cap=math.sqrt(_limit(kernels.cap_dtype(g.dtype), m)), decay=1.0 - lr * weight_decay,
-                                step=step_size)
-            if target is not param:
-                param.copy_(target)
-            continue
-        on = dict(dtype=scaling_dtype, device=g.device)
-        grad_scale = kernels.grad_scale(g).to(**on)
-        # [s, ε of this iteration, target, cap]; the first row step uses ε/s (see sinkhorn_scalings)
-        row_hparams = torch.tensor([1.0, eps, row_target, math.sqrt(_limit(kernels.cap_dtype(g.dtype), n))], **on)
-        row_hparams[0:1] = grad_scale
-        row_hparams[1:2] = eps / grad_scale
-        eps64 = torch.tensor(eps, dtype=torch.float64, device=g.device)
-        rows = torch.ones(n, **on)
-        cols = None
-        for iteration in range(iters):
-            if iteration == 1:
-                row_hparams[1] = eps
-            col_squares = torch.ones(m, **on) if cols is None else cols.square().to(scaling_dtype)
-            col_sq = kernels.sinkhorn_row_pass(g, rows, col_squares, row_hparams)
-            if reduce is not None:
-                reduce([col_sq])
-            cols = _column_step(cols, col_sq, eps=eps, eps64=eps64, target=col_target,
-                                cap=math.sqrt(_limit(kernels.cap_dtype(g.dtype), m)))
-        col_scaling = torch.ones(m, dtype=g.dtype, device=g.device) if cols is None else cols.to(g.dtype)
-        apply_hparams = torch.tensor([1.0 - lr * weight_decay, step_size, 1.0], **on)
-        apply_hparams[2:3] = grad_scale
-        kernels.sinkgd_apply(target.view(n, m), g, rows, col_scaling, apply_hparams)
+                                col_target=col_target, row_cap=row_cap, col_cap=col_cap,
+                                decay=1.0 - lr * weight_decay, step=step_size)
+        else:
+            _fused_sinkgd_iterations(kernels, target.view(n, m), g, reduce, iters=iters, eps=eps,
+                                     row_target=row_target, col_target=col_target, row_cap=row_cap,
+                                     col_cap=col_cap, decay=1.0 - lr * weight_decay, step=step_size,
+                                     scaling_dtype=scaling_dtype)
         if target is not param:
             param.copy_(target)
+
+
+def _fused_sinkgd_iterations(kernels, param: Tensor, g: Tensor, reduce: Optional[AllReduceSum], *,  # type: ignore[no-untyped-def]
+                             iters: int, eps: float, row_target: float, col_target: float, row_cap: float,
+                             col_cap: float, decay: float, step: float, scaling_dtype: torch.dtype) -> None:
+    """One matrix, one kernel sweep per iteration with the column step (and the all-reduce) in between."""
+    n, m = g.shape
+    on = dict(dtype=scaling_dtype, device=g.device)
+    grad_scale = kernels.grad_scale(g).to(**on)
+    # [s, ε of this iteration, target, cap]; the first row step uses ε/s (see sinkhorn_scalings)
+    row_hparams = torch.tensor([1.0, eps, row_target, row_cap], **on)
+    row_hparams[0:1] = grad_scale
+    row_hparams[1:2] = eps / grad_scale
+    eps64 = torch.tensor(eps, dtype=torch.float64, device=g.device)
+    rows = torch.ones(n, **on)
+    cols = None
+    for iteration in range(iters):
+        if iteration == 1:
+            row_hparams[1] = eps
+        col_squares = torch.ones(m, **on) if cols is None else cols.square().to(scaling_dtype)
+        col_sq = kernels.sinkhorn_row_pass(g, rows, col_squares, row_hparams)
+        if reduce is not None:
+            reduce([col_sq])
+        cols = _column_step(cols, col_sq, eps=eps, eps64=eps64, target=col_target, cap=col_cap)
+    col_scaling = torch.ones(m, dtype=g.dtype, device=g.device) if cols is None else cols.to(g.dtype)
+    apply_hparams = torch.tensor([decay, step, 1.0], **on)
+    apply_hparams[2:3] = grad_scale
+    kernels.sinkgd_apply(param, g, rows, col_scaling, apply_hparams)
 
 
 def _foreach_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int,
