@@ -235,7 +235,7 @@ def _fused_sinkgd_iterations(kernels, param: Tensor, g: Tensor, reduce: Optional
     """One matrix, one kernel sweep per iteration with the column step (and the all-reduce) in between."""
     n, m = g.shape
     on = dict(dtype=scaling_dtype, device=g.device)
-    grad_scale = kernels.grad_scale(g).to(**on)
+    grad_scale = max_abs(g).to(**on)  # s = max |G|: G/s is squared on the fly and cannot overflow
     # [s, ε of this iteration, target, cap]; the first row step uses ε/s (see sinkhorn_scalings)
     row_hparams = torch.tensor([1.0, eps, row_target, row_cap], **on)
     row_hparams[0:1] = grad_scale

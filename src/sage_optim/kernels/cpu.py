@@ -23,6 +23,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..functional._common import as_rows
+from ..functional.sinkgd import max_abs
+
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
 _lock = threading.Lock()
@@ -104,11 +107,6 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _rows_cols(t: Tensor) -> tuple[int, int]:
-    numel = t.numel()
-    return (t.shape[0], numel // t.shape[0]) if t.ndim >= 2 and t.shape[0] else (1, numel)
-
-
 def supports_update(param: Tensor, grad: Tensor, exp_avg: Tensor) -> bool:
     """Parameter, gradient and momentum dtypes the C update handles (else the caller's blocked torch path)."""
     return (grad.dtype in _SUFFIX and param.dtype == grad.dtype
@@ -126,19 +124,12 @@ def cap_dtype(grad_dtype: torch.dtype) -> torch.dtype:
     return grad_dtype
 
 
-def grad_scale(grad: Tensor) -> Tensor:
-    """s = max |G| (1 for an all-zero G): the sweep squares G/s, which cannot overflow."""
-    from ..functional.sinkgd import max_abs
-
-    return max_abs(grad)
-
-
 def sign_update(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,
                 weight_decay: float, beta1: float, beta2: float, code_compat: bool) -> None:
     """SAGE's (``damper=None``: Lion's) element-wise step of one contiguous tensor, in place."""
     if grad.numel() == 0:
         return
-    rows, cols = _rows_cols(grad)
+    rows, cols = as_rows(grad).shape
     suffix = "f32_bf16m" if exp_avg.dtype == torch.bfloat16 else _SUFFIX[grad.dtype]
     h = None if damper is None else damper.reshape(-1).to(grad.dtype).contiguous()
     getattr(library(), f"sign_update_{suffix}")(
@@ -199,7 +190,7 @@ def sinkgd_step(param: Tensor, grad: Tensor, *, iters: int, eps: float, row_targ
                     row_cap=row_cap, col_cap=col_cap, decay=decay, step=step)
         param.copy_(wide)
         return
-    scale = float(grad_scale(grad))
+    scale = float(max_abs(grad))
     n_rows, n_cols = grad.shape
     failed = getattr(library(), f"sinkgd_step_{_SUFFIX[grad.dtype]}")(
         _ptr(param), _ptr(grad), n_rows, n_cols, iters, scale, eps, row_target, col_target, row_cap, col_cap,

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..functional._common import as_rows
+
 _ELEMENTWISE_BLOCK = 1024
 #: Programs per launch the statistic aims for: a few per streaming multiprocessor of a large GPU.
 _TARGET_PROGRAMS = 512
@@ -154,7 +156,7 @@ def sign_update(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[T
         return
     bits16 = exp_avg.dtype == torch.bfloat16
     momentum = exp_avg.view(torch.int16) if bits16 else exp_avg
-    n_cols = numel // grad.shape[0] if grad.ndim >= 2 and grad.shape[0] else numel
+    n_cols = as_rows(grad).shape[1]
     h = damper.reshape(-1).to(grad.dtype) if damper is not None else grad  # grad: an unused placeholder
     hparams = _hparams([lr, 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2], grad)
     grid = (triton.cdiv(numel, _ELEMENTWISE_BLOCK),)
@@ -227,13 +229,6 @@ def scaling_dtype(grad_dtype: torch.dtype) -> torch.dtype:
 def cap_dtype(grad_dtype: torch.dtype) -> torch.dtype:
     """The dtype whose range bounds r and c (the kernels' arithmetic dtype)."""
     return grad_dtype
-
-
-def grad_scale(grad: Tensor) -> Tensor:
-    """s = max |G| (1 for an all-zero G): G/s is formed on the fly, so its squares cannot overflow."""
-    from ..functional.sinkgd import max_abs
-
-    return max_abs(grad)
 
 
 #: No whole-step kernel here: on CUDA the per-iteration launches are asynchronous, so the host-side column step
