@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> float:
         if env.is_main:
             print(f"saved {args.checkpoint}")
     if env.initialized:
+        # Every rank reaches this point before any tears down: a rank that destroys its gloo group
+        # while a peer is still in its last collective can abort in the C++ destructor.
+        dist.barrier()
         dist.destroy_process_group()
     return loss_value
 

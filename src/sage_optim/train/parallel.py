@@ -144,6 +144,7 @@ class Parallel:
         if self.owns_group:
             import torch.distributed as dist
 
+            dist.barrier()  # no rank tears gloo down while a peer is still in a collective
             dist.destroy_process_group()
             self.owns_group = False
 
