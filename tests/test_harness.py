@@ -290,6 +290,19 @@ def test_training_is_deterministic_given_the_seed(tmp_path: Path, cache_dir: Pat
     assert math.isfinite(a["val_loss"]) and math.isfinite(a["test_loss"])
 
 
+def _flushes_denormals() -> bool:
+    return bool((torch.tensor([1e-30], dtype=torch.float32) * 1e-10).item() == 0.0)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_cpu_training_flushes_denormals_only_while_it_runs(tmp_path: Path, cache_dir: Path, flush: bool) -> None:
+    seen: list[bool] = []
+    assert not _flushes_denormals()
+    train(tiny_config(tmp_path, cache_dir, steps=2, flush_denormal=flush), log=lambda m: seen.append(_flushes_denormals()))
+    assert seen and all(s == flush for s in seen)
+    assert not _flushes_denormals()  # process-wide mode restored for the caller
+
+
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path: Path, cache_dir: Path) -> None:
     summary = train(tiny_config(tmp_path, cache_dir, steps=3, precision="bf16"), log=lambda m: None)
     assert summary is not None and summary["precision"] == "bf16" and math.isfinite(summary["val_loss"])

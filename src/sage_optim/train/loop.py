@@ -9,6 +9,7 @@ model, optimizer, scheduler, data-sampler position and every RNG.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -17,7 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -245,6 +246,27 @@ def train(cfg: RunConfig, *, resume: bool = False, log: Log = _stderr) -> dict[s
     ``cfg.output.out_dir``. Returns the summary, or ``None`` when it stopped at ``train.stop_at_step``
     or on ranks other than 0 of a DDP/FSDP2 run (only rank 0 writes files and logs).
     """
+    with _denormals_flushed(cfg.train.flush_denormal):
+        return _train(cfg, resume=resume, log=log)
+
+
+@contextlib.contextmanager
+def _denormals_flushed(flush: bool) -> Iterator[None]:
+    """Set the CPU's flush-to-zero mode for the run and restore the caller's afterwards (it is process-wide).
+    ``torch.set_flush_denormal`` reports whether the CPU supports it; where it does not, nothing changes."""
+    if not flush:
+        yield
+        return
+    # torch has no getter: the mode is off unless someone set it, and a probe tells us which
+    was_on = bool((torch.tensor([1e-30], dtype=torch.float32) * 1e-10).item() == 0.0)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
+def _train(cfg: RunConfig, *, resume: bool, log: Log) -> dict[str, Any] | None:
     run = setup_run(cfg, resume=resume, log=log)
     cfg, device, model, optimizer, scheduler = run.cfg, run.device, run.model, run.optimizer, run.scheduler
     precision, accum, par = cfg.train.precision, cfg.train.grad_accum_steps, run.par
