@@ -32,13 +32,28 @@ from . import _compiled
 from ._common import (AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, row_blocks,
                       fused_kernels)
 
-__all__ = ["sage", "column_abs_mean"]
+__all__ = ["sage", "column_abs_mean", "first_pass_column_sums"]
 
 
 def column_abs_mean(grad: Tensor) -> Tensor:
     """``s_t``: the mean of |g| over dim 0 (shape ``grad.shape[1:]``), or |g| itself for ndim ≤ 1."""
     g = as_compute(grad)
     return g.abs().mean(0) if g.ndim >= 2 else g.abs()
+
+
+def first_pass_column_sums(grads: list[Tensor]) -> list[Optional[Tensor]]:
+    """This step's Σ_rows |g| / rows of each matrix gradient the fused kernels read in host memory as it is
+    (else None): the first read of a fused SAGE step, done early. Any NaN/Inf in g makes it non-finite, so the
+    optimizer's finite check uses it instead of reading g again, and hands it back through
+    ``sage(..., column_means=)``. (Unsharded gradients only: a shard's sums still need their all-reduce.)"""
+    out: list[Optional[Tensor]] = []
+    for grad in grads:
+        kernels = fused_kernels(grad.device) if grad.ndim >= 2 else None
+        if kernels is not None and kernels.FIRST_PASS and kernels.first_pass_ok(grad):
+            out.append(kernels.column_abs_sums(as_rows(grad), max(grad.shape[0], 1)).reshape(grad.shape[1:]))
+        else:
+            out.append(None)
+    return out
 
 
 def _local_statistic(grad: Tensor, col_ema: Tensor, step: float, beta2: float,
@@ -116,14 +131,16 @@ def _dampers(grads: list[Tensor], col_emas: list[Optional[Tensor]], state_steps:
              beta2: float, eps: float, instant_damper: bool, all_reduce: Optional[AllReduceSum],
              sharded: Optional[Sequence[bool]],
              global_shapes: Optional[Sequence[Sequence[int]]],
-             scratch: Optional[Workspace] = None, fused: bool = False) -> list[Optional[Tensor]]:
+             scratch: Optional[Workspace] = None, fused: bool = False,
+             column_means: Optional[Sequence[Optional[Tensor]]] = None) -> list[Optional[Tensor]]:
     """H_t of every parameter (``None`` each when ``damper=False``: Lion), after the step counts were advanced."""
     if not damper:
         return [None] * len(grads)
     steps = [float(s) for s in state_steps]
     shapes = global_shapes if global_shapes is not None else [g.shape for g in grads]
-    statistics = [_local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1, scratch, fused)
-                  for g, s, t, shape in zip(grads, col_emas, steps, shapes)]
+    known = column_means if column_means is not None else [None] * len(grads)
+    statistics = [x if x is not None else _local_statistic(g, s, t, beta2, shape[0] if len(shape) else 1, scratch, fused)
+                  for g, s, t, shape, x in zip(grads, col_emas, steps, shapes, known)]
     if all_reduce is not None and sharded is not None:
         to_reduce = [x for x, is_sharded in zip(statistics, sharded) if is_sharded]
         if to_reduce:
@@ -153,14 +170,14 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         instant_damper: bool, code_compat: bool, maximize: bool,
                         all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
                         global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False,
-                        fused: bool = False) -> None:
+                        fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None) -> None:
     grads = [as_compute(-g if maximize else g) for g in grads]
     for step in state_steps:
         step += 1
     scratch = Workspace()
     dampers = _dampers(grads, col_emas, state_steps, damper=damper, beta2=beta2, eps=eps,
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
-                       global_shapes=global_shapes, scratch=scratch, fused=fused)
+                       global_shapes=global_shapes, scratch=scratch, fused=fused, column_means=column_means)
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
     for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
         kernels = fused_kernels(grad.device) if fused else None
@@ -265,7 +282,7 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
          damper: bool = True, instant_damper: bool = True, code_compat: bool = False, maximize: bool = False,
          foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
          global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False,
-         fused: bool = False) -> None:
+         fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None) -> None:
     r"""Functional SAGE (or Lion with ``damper=False``): updates ``params``, ``exp_avgs``, ``col_emas`` and
     ``state_steps`` in place. See the module docstring for the equations.
 
@@ -285,6 +302,8 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
             pass over g and the update in one pass over θ, g, m (non-contiguous tensors, and dtype mixes a
             backend lacks, take the for-loop's blocked path).
             Overrides ``compiled`` and ``foreach``.
+        column_means: with ``fused``, :func:`first_pass_column_sums` of ``grads`` when the caller already read
+            them (an entry None: read here).
     """
     if not params:
         return
@@ -292,7 +311,8 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
                   instant_damper=instant_damper, code_compat=code_compat, maximize=maximize, all_reduce=all_reduce,
                   sharded=sharded, global_shapes=global_shapes)
     if fused or compiled:
-        _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, compiled=compiled, fused=fused, **kwargs)
+        _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, compiled=compiled, fused=fused,
+                            column_means=column_means if fused else None, **kwargs)
     elif foreach:
         _foreach_sage(params, grads, exp_avgs, col_emas, state_steps, **kwargs)
     else:

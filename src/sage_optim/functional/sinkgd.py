@@ -32,7 +32,7 @@ from torch import Tensor
 from . import _compiled
 from ._common import AllReduceSum, Workspace, as_compute, as_rows, chunks_by_numel, group_by_key, fused_kernels
 
-__all__ = ["sinkgd", "sinkhorn_scalings", "max_abs", "NORMALIZATIONS"]
+__all__ = ["sinkgd", "sinkhorn_scalings", "max_abs", "first_pass_maxima", "NORMALIZATIONS"]
 
 Normalization = Literal["uniform", "sr"]
 NORMALIZATIONS: tuple[str, ...] = ("uniform", "sr")
@@ -196,10 +196,23 @@ def _single_tensor_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: floa
                    weight_decay=weight_decay, step_size=step_size)
 
 
+def first_pass_maxima(grads: list[Tensor]) -> list[Optional[float]]:
+    """max |G| of each gradient the fused kernels read in host memory as it is (else None): the first read of a
+    fused SinkGD step, done early. Any NaN/Inf in G makes it non-finite, so the optimizer's finite check
+    uses it instead of reading G again, and hands it back through ``sinkgd(..., grad_maxima=)``."""
+    out: list[Optional[float]] = []
+    for grad in grads:
+        kernels = fused_kernels(grad.device) if grad.ndim >= 2 else None
+        out.append(kernels.max_abs(grad) if kernels is not None and kernels.FIRST_PASS and kernels.first_pass_ok(grad)
+                   else None)
+    return out
+
+
 def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float, iters: int,
                   scale: float, normalization: Normalization, eps: float, maximize: bool,
                   all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
-                  global_shapes: Optional[Sequence[Sequence[int]]]) -> None:
+                  global_shapes: Optional[Sequence[Sequence[int]]],
+                  grad_maxima: Optional[Sequence[Optional[float]]] = None) -> None:
     """The kernel path (Triton on CUDA, C on CPU): per Sinkhorn iteration one sweep over G's row blocks (row
     step + column sums, G/s squared on the fly: SPEC §3's single pass), then the O(m) column step here; then
     one pass for θ. Hyperparameters stay on the device, so a CUDA step reads nothing back to the host.
@@ -219,7 +232,8 @@ def _fused_sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weigh
         if reduce is None and kernels.sinkgd_step is not None:  # the whole step in one call
             kernels.sinkgd_step(target.view(n, m), g, iters=iters, eps=eps, row_target=row_target,
                                 col_target=col_target, row_cap=row_cap, col_cap=col_cap,
-                                decay=1.0 - lr * weight_decay, step=step_size)
+                                decay=1.0 - lr * weight_decay, step=step_size,
+                                largest=None if grad_maxima is None else grad_maxima[i])
         else:
             _fused_sinkgd_iterations(kernels, target.view(n, m), g, reduce, iters=iters, eps=eps,
                                      row_target=row_target, col_target=col_target, row_cap=row_cap,
@@ -294,7 +308,7 @@ def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay
            scale: float = 1.0, normalization: Normalization = "uniform", eps: float = 1e-8, maximize: bool = False,
            foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
            global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False,
-           fused: bool = False) -> None:
+           fused: bool = False, grad_maxima: Optional[Sequence[Optional[float]]] = None) -> None:
     r"""Functional SinkGD: ``θ ← θ·(1 − ηλ) − η·scale·Sinkhorn_L(g)`` for each (n, m, …) parameter.
 
     Args:
@@ -307,13 +321,15 @@ def sinkgd(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay
         fused: the kernels of :mod:`sage_optim.kernels`, Triton on CUDA and C on CPU (one sweep over G per
             iteration, G ⊙ G never stored; one pass for θ). Overrides ``compiled`` and ``foreach``.
         all_reduce, sharded, global_shapes: for dim-0-sharded parameters (see :func:`sage`).
+        grad_maxima: with ``fused``, :func:`first_pass_maxima` of ``grads`` when the caller already read them
+            (an entry None: read here).
     """
     if not params:
         return
     kwargs = dict(lr=lr, weight_decay=weight_decay, iters=iters, scale=scale, normalization=normalization, eps=eps,
                   maximize=maximize, all_reduce=all_reduce, sharded=sharded, global_shapes=global_shapes)
     if fused:
-        _fused_sinkgd(params, grads, **kwargs)
+        _fused_sinkgd(params, grads, grad_maxima=grad_maxima, **kwargs)
     elif compiled:
         _single_tensor_sinkgd(params, grads, compiled=True, **kwargs)
     elif foreach:

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from ..functional._common import as_rows
-from ..functional.sinkgd import max_abs
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
@@ -40,6 +39,9 @@ _SIGNATURES = {
     "sinkgd_step": [_P, _P, _I64, _I64, _INT, _F64, _F64, _F64, _F64, _F64, _F64, _F64, _F64, _INT],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+#: Results of a read (max |G|, column sums) are in host memory, so the optimizer's finite check can look at
+#: them for free and skip its own read of those gradients (the Triton backend's would cost a device sync).
+FIRST_PASS = True
 
 
 def _cache_dir() -> Path:
@@ -95,6 +97,9 @@ def library() -> ctypes.CDLL:
                 for suffix in ("f32", "f64"):
                     getattr(lib, f"{name}_{suffix}").argtypes = argtypes
             lib.sign_update_f32_bf16m.argtypes = _SIGNATURES["sign_update"]
+            for suffix in ("f32", "f64"):
+                getattr(lib, f"max_abs_{suffix}").argtypes = [_P, _I64, _INT]
+                getattr(lib, f"max_abs_{suffix}").restype = _F64
             _library = lib
     return _library
 
@@ -137,6 +142,21 @@ def sign_update(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[T
         1.0 - beta2, int(code_compat), _threads())
 
 
+def first_pass_ok(grad: Tensor) -> bool:
+    """Whether the kernels read ``grad`` as it is (no widening or contiguous copy first)."""
+    return grad.dtype in _SUFFIX and grad.is_contiguous() and grad.device.type == "cpu"
+
+
+def max_abs(tensor: Tensor) -> float:
+    """max |tensor| of a contiguous tensor in one threaded read: NaN if any element is NaN, 0 if all are 0."""
+    return float(getattr(library(), f"max_abs_{_SUFFIX[tensor.dtype]}")(_ptr(tensor), tensor.numel(), _threads()))
+
+
+def grad_scale(largest: float) -> float:
+    """SinkGD's s from :func:`max_abs`, as ``functional.sinkgd.max_abs`` defines it: 1 for 0 or NaN."""
+    return largest if largest > 0 else 1.0
+
+
 def column_abs_sums(matrix: Tensor, divisor: int) -> Tensor:
     """Σ_rows |matrix| / ``divisor`` per column of a contiguous (n, m) matrix, as a float64 m-vector."""
     rows, cols = matrix.shape
@@ -145,6 +165,12 @@ def column_abs_sums(matrix: Tensor, divisor: int) -> Tensor:
             _ptr(matrix), _ptr(out), rows, cols, _threads()):
         raise MemoryError(f"the fused column statistic could not allocate its O(m) buffers ({rows} x {cols})")
     return out.div_(divisor)
+
+
+def _needs_float64(grad: Tensor, scale: float) -> bool:
+    """The float32 kernels take G/s as G · (1/s), which needs 1/s to be a normal float32 (s in [2⁻¹²⁶, 2¹²⁶]):
+    outside that (|G| near float32's max, or subnormal) a float64 copy of G goes to the float64 kernels."""
+    return grad.dtype == torch.float32 and not 2.0 ** -126 <= scale <= 2.0 ** 126
 
 
 def sinkhorn_row_pass(grad: Tensor, rows: Tensor, col_squares: Tensor, hparams: Tensor) -> Tensor:
@@ -156,6 +182,8 @@ def sinkhorn_row_pass(grad: Tensor, rows: Tensor, col_squares: Tensor, hparams: 
     out = torch.zeros(n_cols, dtype=torch.float64)
     if grad.numel():
         scale, eps, target, cap = hparams.tolist()
+        if _needs_float64(grad, scale):
+            grad = grad.double()
         if getattr(library(), f"sinkhorn_row_pass_{_SUFFIX[grad.dtype]}")(
                 _ptr(grad), _ptr(rows), _ptr(col_squares), _ptr(out), n_rows, n_cols, scale, eps, target, cap,
                 _threads()):
@@ -167,30 +195,35 @@ def sinkgd_apply(param: Tensor, grad: Tensor, rows: Tensor, cols: Tensor, hparam
     """θ ← θ·decay + step·r_i·(G_ij/s)·c_j in place; ``hparams`` = [decay, step, s]; ``cols`` in G's dtype."""
     if grad.numel() == 0:
         return
+    decay, step, scale = hparams.tolist()
+    if _needs_float64(grad, scale):
+        grad, cols = grad.double(), cols.double()
     if param.dtype != grad.dtype:  # e.g. bf16 θ: the product in G's dtype, then one rounding into θ
         wide = param.to(grad.dtype)
         sinkgd_apply(wide, grad, rows, cols, hparams)
         param.copy_(wide)
         return
-    decay, step, scale = hparams.tolist()
     n_rows, n_cols = grad.shape
     getattr(library(), f"sinkgd_apply_{_SUFFIX[grad.dtype]}")(
         _ptr(param), _ptr(grad), _ptr(rows), _ptr(cols), n_rows, n_cols, decay, step, scale, _threads())
 
 
 def sinkgd_step(param: Tensor, grad: Tensor, *, iters: int, eps: float, row_target: float, col_target: float,
-                row_cap: float, col_cap: float, decay: float, step: float) -> None:
+                row_cap: float, col_cap: float, decay: float, step: float, largest: Optional[float] = None) -> None:
     """A whole SinkGD step of one unsharded contiguous (n, m) matrix in one call (Sinkhorn loop, column steps
-    and apply in C): the per-iteration path costs ~1 ms of Python calls per matrix, more than its arithmetic."""
+    and apply in C): the per-iteration path costs ~1 ms of Python calls per matrix, more than its arithmetic.
+    ``largest``: :func:`max_abs` of ``grad`` when the caller already read it (else it is read here)."""
     if grad.numel() == 0:
         return
+    scale = grad_scale(max_abs(grad) if largest is None else largest)
+    if _needs_float64(grad, scale):
+        grad = grad.double()
     if param.dtype != grad.dtype:
         wide = param.to(grad.dtype)
         sinkgd_step(wide, grad, iters=iters, eps=eps, row_target=row_target, col_target=col_target,
-                    row_cap=row_cap, col_cap=col_cap, decay=decay, step=step)
+                    row_cap=row_cap, col_cap=col_cap, decay=decay, step=step, largest=scale)
         param.copy_(wide)
         return
-    scale = float(max_abs(grad))
     n_rows, n_cols = grad.shape
     failed = getattr(library(), f"sinkgd_step_{_SUFFIX[grad.dtype]}")(
         _ptr(param), _ptr(grad), n_rows, n_cols, iters, scale, eps, row_target, col_target, row_cap, col_cap,

@@ -15,6 +15,11 @@ Each kernel reads the full-size tensors it needs once per call and writes its ou
 
 Hyperparameters are read from a small tensor (not baked into the compiled kernel), so learning-rate
 schedules never recompile and float64 runs keep float64 hyperparameters.
+
+Known limit: Sinkhorn's r and c are kept in the gradient's dtype here. For a float32 gradient whose
+max |G| is subnormal (< 1.2e-38, a gradient that is zero for any practical purpose) the first row step's
+ε/s (~1e31) makes r² underflow, and the step differs from the for-loop's (which keeps r, c in float64;
+so do the C kernels). Normal magnitudes, including max |G| near float32's largest, match it.
 """
 from __future__ import annotations
 
@@ -234,3 +239,5 @@ def cap_dtype(grad_dtype: torch.dtype) -> torch.dtype:
 #: No whole-step kernel here: on CUDA the per-iteration launches are asynchronous, so the host-side column step
 #: overlaps the device work (the C backend's whole-step call exists because CPU calls are synchronous).
 sinkgd_step = None
+#: The optimizer's finite check does not read these kernels' statistics: that would sync the device per tensor.
+FIRST_PASS = False

@@ -80,6 +80,15 @@ def _default_fused(params: list[Tensor]) -> bool:
     return kernels.available()
 
 
+def _finite(first_pass_result: Any) -> bool:
+    """Whether a first-pass result (a float or a tensor; None: not read) shows its gradient to be finite."""
+    if first_pass_result is None:
+        return False
+    if isinstance(first_pass_result, Tensor):
+        return bool(torch.isfinite(first_pass_result).all())
+    return math.isfinite(first_pass_result)
+
+
 def uses_fused(group: dict[str, Any], params: list[Tensor]) -> bool:
     """Whether a step of ``group`` over ``params`` takes the fused-kernel path: ``fused`` when set; for ``None``,
     an explicit ``foreach=`` or ``compile=True`` wins, else CUDA parameters with Triton installed."""
@@ -221,27 +230,45 @@ class RuleOptimizer(Optimizer):
                 names.append(name)
             if params:
                 work.append((group, RULES[group["rule"]], params, grads, names))
+        views = []
         for group, _, params, _, _ in work:  # every group checked before any is updated
             if group.get("fused"):
                 from .. import kernels
 
                 kernels.check_devices(dist_support.local_device(p) for p in params)
-        if not self._gradients_finite(work):
-            return loss
-        for group, rule, params, grads, names in work:
-            states = [self._init_state(p, rule.state_spec(p, group)) for p in params]
-            group_view = group
+            view = group
             if group.get("fused") is None:
-                group_view = dict(group_view, fused=uses_fused(group, params))
+                view = dict(view, fused=uses_fused(group, params))
             if group.get("foreach") is None:
-                group_view = dict(group_view, foreach=dist_support.default_foreach(params))
+                view = dict(view, foreach=dist_support.default_foreach(params))
+            views.append(view)
+        first_passes = [self._first_pass(view, rule, params, grads)
+                        for view, (_, rule, params, grads, _) in zip(views, work)]
+        if not self._gradients_finite(work, first_passes):
+            return loss
+        for view, first_pass, (group, rule, params, grads, names) in zip(views, first_passes, work):
+            states = [self._init_state(p, rule.state_spec(p, group)) for p in params]
             local_params, local_grads, shards = dist_support.prepare(params, grads, names, rule)
             local_states = [dist_support.local_state(s) for s in states]
-            rule.step(group_view, local_params, local_grads, local_states, shards)
+            rule.step(view, local_params, local_grads, local_states, shards, first_pass=first_pass)
         return loss
 
-    def _gradients_finite(self, work: list[tuple[dict[str, Any], Rule, list[Tensor], list[Tensor], list[str]]]) -> bool:
-        grads = [g for _, _, _, gs, _ in work for g in gs]
+    @staticmethod
+    def _first_pass(group: dict[str, Any], rule: Rule, params: list[Tensor], grads: list[Tensor]) -> Optional[list[Any]]:
+        """The fused step's first read of each gradient (max |G|, column sums), done now so that the finite
+        check can use it instead of reading the gradients once more; None where the step would not read them
+        that way (not fused, a rule without such a read, sharded tensors)."""
+        if rule.first_pass is None or not group.get("fused") \
+                or any(dist_support.is_dtensor(t) for t in (*params, *grads)):
+            return None
+        return rule.first_pass(grads)
+
+    def _gradients_finite(self, work: list[tuple[dict[str, Any], Rule, list[Tensor], list[Tensor], list[str]]],
+                          first_passes: list[Optional[list[Any]]]) -> bool:
+        # a gradient whose first-pass result is finite is finite (NaN and ±Inf reach max |G| and column sums);
+        # the others, and any that is not finite there, are checked by reading them
+        grads = [g for (_, _, _, gs, _), known in zip(work, first_passes)
+                 for g, x in zip(gs, known if known is not None else [None] * len(gs)) if not _finite(x)]
         if not grads or dist_support.all_finite(grads):
             return True
         if self.nonfinite == "skip":

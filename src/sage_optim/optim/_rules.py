@@ -161,7 +161,7 @@ class ShardInfo:
 
 
 def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
-               shards: ShardInfo, *, damper: bool) -> None:
+               shards: ShardInfo, *, damper: bool, first_pass: Optional[list[Any]] = None) -> None:
     beta1, beta2 = group["betas"]
     F.sage(params, grads, [s["exp_avg"] for s in states], [s.get("col_ema") for s in states],
            [s["step"] for s in states], lr=_float(group["lr"]), beta1=beta1, beta2=beta2,
@@ -169,28 +169,41 @@ def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
            instant_damper=group.get("instant_damper", True), code_compat=group.get("code_compat", False),
            maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
            all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
-           compiled=bool(group.get("compile")), fused=bool(group.get("fused")))
+           compiled=bool(group.get("compile")), fused=bool(group.get("fused")), column_means=first_pass)
 
 
-def _step_sage(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
-    _step_sign(group, params, grads, states, shards, damper=True)
+def _step_sage(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
+    _step_sign(group, params, grads, states, shards, damper=True, first_pass=first_pass)
 
 
-def _step_lion(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+def _step_lion(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
+    del first_pass  # Lion reads g once, in its update: nothing to read first
     _step_sign(group, params, grads, states, shards, damper=False)
 
 
-def _step_sinkgd(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+def _step_sinkgd(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
     del states
     F.sinkgd(params, grads, lr=_float(group["lr"]), weight_decay=group["weight_decay"], iters=group["iters"],
              scale=group["scale"], normalization=group["normalization"], eps=group["eps"],
              maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
              all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
-             compiled=bool(group.get("compile")), fused=bool(group.get("fused")))
+             compiled=bool(group.get("compile")), fused=bool(group.get("fused")), grad_maxima=first_pass)
 
 
-def _step_adamw(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
-    del shards  # element-wise: sharding needs no communication
+def _first_pass_sage(grads: list[Tensor]) -> list[Optional[Tensor]]:
+    from ..functional.sage import first_pass_column_sums
+
+    return first_pass_column_sums(grads)
+
+
+def _first_pass_sinkgd(grads: list[Tensor]) -> list[Optional[float]]:
+    from ..functional.sinkgd import first_pass_maxima
+
+    return first_pass_maxima(grads)
+
+
+def _step_adamw(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
+    del shards, first_pass  # element-wise: sharding needs no communication
     from torch.optim.adam import adam
 
     beta1, beta2 = group["betas"]
@@ -230,8 +243,10 @@ def _muon_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
     return {"momentum_buffer": (tuple(param.shape), resolve_state_dtype(param, group.get("state_dtype")))}
 
 
-def _step_muon(group, params, grads, states, shards) -> None:  # type: ignore[no-untyped-def]
+def _step_muon(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
     from torch.optim._muon import muon
+
+    del first_pass
 
     if shards.sharded and any(shards.sharded):
         raise NotImplementedError("rule 'muon' on dim-0-sharded (FSDP2) parameters is not implemented: "
@@ -258,20 +273,25 @@ class Rule:
     validate: Callable[[dict[str, Any]], None]
     check_param: Callable[[str, Tensor, dict[str, Any]], None]
     state_spec: Callable[[Tensor, dict[str, Any]], StateSpec]
-    step: Callable[[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Tensor]], ShardInfo], None]
+    step: Callable[..., None]
+    """``step(group, params, grads, states, shards, first_pass=None)``: one update of the group's tensors."""
     #: True when the rule reduces over dim 0 (so dim-0 sharding needs a collective, or is refused).
     reduces_over_rows: bool
+    #: The fused step's first read of each unsharded gradient, done before any update (an entry None: not
+    #: read early). The Optimizer takes a finite result as that gradient's finite check and passes the list
+    #: back to ``step``, so the gradient is read once less. None: the rule has no such read.
+    first_pass: Optional[Callable[[list[Tensor]], list[Any]]] = None
 
 
 RULES: dict[str, Rule] = {
     "sage": Rule("sage", {"lr": 2e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 1e-2,
                           "instant_damper": True, "code_compat": False, "state_dtype": None},
-                 _validate_sign_rule, _param_ok, _sage_spec, _step_sage, True),
+                 _validate_sign_rule, _param_ok, _sage_spec, _step_sage, True, _first_pass_sage),
     "lion": Rule("lion", {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "state_dtype": None},
                  _validate_lion, _param_ok, _lion_spec, _step_lion, False),
     "sinkgd": Rule("sinkgd", {"lr": 2e-3, "weight_decay": 1e-2, "iters": 5, "scale": 1.0,
                               "normalization": "uniform", "eps": 1e-8},
-                   _validate_sinkgd, _param_check_matrix, _no_state, _step_sinkgd, True),
+                   _validate_sinkgd, _param_check_matrix, _no_state, _step_sinkgd, True, _first_pass_sinkgd),
     "adamw": Rule("adamw", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
                             "state_dtype": None},
                   _validate_sign_rule, _param_ok, _adamw_spec, _step_adamw, False),
