@@ -104,10 +104,11 @@ class TrainConfig:
     nonfinite_loss: NonfiniteLoss = "stop"
     """A NaN/Inf training loss: "stop" logs it, saves a checkpoint of the last good state and exits (code 1);
     "skip" logs it and drops the batch (no optimizer update; the schedule moves on)."""
-    flush_denormal: bool = True
-    """On CPU, flush subnormal floats (below ~1.2e-38 in float32) to zero while training, as TensorFlow
-    does: x86 handles them ~100x slower, and a run whose activations underflow (measured: SinkGD-hybrid
-    on cpu-bench, weights reaching |w| ~ 60) trained 3.3x slower without it. No effect on GPUs."""
+    flush_denormal: bool = False
+    """On CPU, flush subnormal floats (below ~1.2e-38 in float32) to zero while training: x86 handles them
+    far slower, and a run whose activations underflow (SinkGD-hybrid on cpu-bench, |w| ~ 60) trained 3.3x
+    faster with it. Off by default: that same run, flushed, collapsed to a dead network (loss = ln V,
+    zero gradients) at step ~370, where the unflushed one kept training (docs/harness.md). No effect on GPUs."""
     parallel: ParallelMode = "none"
     """Data parallelism under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard``);
     each rank takes its share of every micro-batch's rows, so ``micro_batch_size`` is the global one."""
