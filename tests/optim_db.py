@@ -58,7 +58,7 @@ _SIGN_ERRORS = [
     ErrorInput({"betas": (1.0, 0.99)}, ValueError, r"Invalid beta parameter at index 0: 1\.0", "beta1 = 1"),
     ErrorInput({"betas": (0.9, -0.1)}, ValueError, r"Invalid beta parameter at index 1: -0\.1", "negative beta2"),
     ErrorInput({"betas": (0.9,)}, ValueError, r"betas must be a pair", "one beta"),
-    ErrorInput({"state_dtype": torch.int8}, ValueError, r"state_dtype must be None", "integer state dtype"),
+    ErrorInput({"state_dtype": torch.int16}, ValueError, r"state_dtype must be None", "integer state dtype"),
 ]
 _EPS_ERRORS = [ErrorInput({"eps": -1e-8}, ValueError, r"Invalid epsilon value eps: -1e-08", "negative eps")]
 _SINK_ERRORS = [

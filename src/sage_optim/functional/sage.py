@@ -170,7 +170,8 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         instant_damper: bool, code_compat: bool, maximize: bool,
                         all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
                         global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False,
-                        fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None) -> None:
+                        fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None,
+                        quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None) -> None:
     grads = [as_compute(-g if maximize else g) for g in grads]
     for step in state_steps:
         step += 1
@@ -179,9 +180,12 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
                        global_shapes=global_shapes, scratch=scratch, fused=fused, column_means=column_means)
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
-    for param, grad, exp_avg, h in zip(params, grads, exp_avgs, dampers):
+    quantized = quantized if quantized is not None else [None] * len(params)
+    for param, grad, exp_avg, h, quant, step in zip(params, grads, exp_avgs, dampers, quantized, state_steps):
         kernels = fused_kernels(grad.device) if fused else None
-        if kernels is not None and param.is_contiguous() and exp_avg.is_contiguous() \
+        if quant is not None:  # 8-bit momentum: the blocked path decodes and stores it
+            _update_one(param, grad, exp_avg, h, scratch=scratch, quantized=(*quant, step), **hparams)
+        elif kernels is not None and param.is_contiguous() and exp_avg.is_contiguous() \
                 and kernels.supports_update(param, grad, exp_avg):
             kernels.sign_update(param, grad.contiguous(), exp_avg, h, **hparams)
         elif compiled:
@@ -195,7 +199,8 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   beta2: float, eps: float, weight_decay: float, damper: bool, instant_damper: bool,
                   code_compat: bool, maximize: bool, all_reduce: Optional[AllReduceSum],
                   sharded: Optional[Sequence[bool]], global_shapes: Optional[Sequence[Sequence[int]]],
-                  chunk_numel: Optional[int] = None) -> None:
+                  chunk_numel: Optional[int] = None,
+                  quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None) -> None:
     grads = [as_compute(g) for g in grads]
     if maximize:
         grads = list(torch._foreach_neg(grads))
@@ -216,8 +221,9 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
             m = [exp_avgs[i] for i in chunk]
             if m[0].dtype != g[0].dtype:  # low-precision state: widened per tensor
                 for i in chunk:
+                    quant = None if quantized is None or quantized[i] is None else (*quantized[i], state_steps[i])
                     _update_one(params[i], grads[i], exp_avgs[i], dampers[i], lr=lr, weight_decay=weight_decay,
-                                beta1=beta1, beta2=beta2, code_compat=code_compat)
+                                beta1=beta1, beta2=beta2, code_compat=code_compat, quantized=quant)
                 continue
             if weight_decay != 0:
                 torch._foreach_mul_(p, 1 - lr * weight_decay)
@@ -237,14 +243,19 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 
 def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,
                 weight_decay: float, beta1: float, beta2: float, code_compat: bool,
-                scratch: Optional[Workspace] = None) -> None:
+                scratch: Optional[Workspace] = None,
+                quantized: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> None:
     """The element-wise part of one parameter's step: decay, signed direction times H, momentum.
 
     Runs over row blocks of about ``BLOCK_NUMEL`` elements with one cache-sized scratch block for the
     direction, so θ, g and m are each read once and θ, m written once from memory, and the step holds
-    no full-size temporary. Non-contiguous tensors (no 2-D view) are done whole.
+    no full-size temporary. Non-contiguous tensors (no 2-D view) are done whole. ``quantized``: (block
+    maxima, seed, step) of an int8 momentum.
     """
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
+    if quantized is not None:
+        _update_quantized(param, grad, exp_avg, damper, *quantized, scratch=scratch or Workspace(), **hparams)
+        return
     if not (param.is_contiguous() and exp_avg.is_contiguous()):
         h = None if damper is None else damper.expand_as(grad)
         _update_block(param, grad, exp_avg, h, torch.empty_like(grad), **hparams)
@@ -255,6 +266,41 @@ def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[T
     for block in row_blocks(*g.shape):
         direction = scratch.take(g[block].numel(), g).view(g[block].shape)
         _update_block(p[block], g[block], m[block], h, direction, **hparams)
+
+
+def _update_quantized(param: Tensor, grad: Tensor, codes: Tensor, damper: Optional[Tensor], absmax: Tensor,
+                      seed: Tensor, step: Tensor, *, scratch: Workspace, lr: float, weight_decay: float, beta1: float,
+                      beta2: float, code_compat: bool) -> None:
+    """:func:`_update_one` with an 8-bit momentum: per row block, m is decoded into a scratch block, the step
+    is the same as with a float momentum, and m's new value is stored with stochastic rounding."""
+    from ._quant import dequantize_into, quantize_, rounding_generator
+
+    target = param if param.is_contiguous() else param.contiguous()
+    stored = codes if codes.is_contiguous() else codes.contiguous()
+    p, g, m = as_rows(target), as_rows(grad.contiguous()), as_rows(stored)
+    h = None if damper is None else damper.reshape(1, -1)
+    generator = rounding_generator(seed, step, g.device)
+    for block in row_blocks(*g.shape):
+        shape, numel = g[block].shape, g[block].numel()
+        both = scratch.take(2 * numel, g)
+        momentum = dequantize_into(both[:numel].view(shape), m[block], absmax[block])
+        direction = both[numel:].view(shape)
+        if weight_decay != 0:
+            p[block].mul_(1 - lr * weight_decay)
+        if code_compat:
+            momentum.lerp_(g[block], 1 - beta2)
+        torch.lerp(momentum, g[block], 1 - beta1, out=direction).sign_()
+        if h is None:
+            p[block].add_(direction, alpha=-lr)
+        else:
+            p[block].addcmul_(direction, h, value=-lr)
+        if not code_compat:
+            momentum.lerp_(g[block], 1 - beta2)
+        quantize_(m[block], absmax[block], momentum, generator)
+    if target is not param:
+        param.copy_(target)
+    if stored is not codes:
+        codes.copy_(stored)
 
 
 def _update_block(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], direction: Tensor, *,
@@ -282,7 +328,8 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
          damper: bool = True, instant_damper: bool = True, code_compat: bool = False, maximize: bool = False,
          foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
          global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False,
-         fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None) -> None:
+         fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None,
+         quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None) -> None:
     r"""Functional SAGE (or Lion with ``damper=False``): updates ``params``, ``exp_avgs``, ``col_emas`` and
     ``state_steps`` in place. See the module docstring for the equations.
 
@@ -304,12 +351,14 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
             Overrides ``compiled`` and ``foreach``.
         column_means: with ``fused``, :func:`first_pass_column_sums` of ``grads`` when the caller already read
             them (an entry None: read here).
+        quantized: per parameter, None or (block maxima, seed) of an 8-bit momentum: ``exp_avgs`` then holds
+            int8 codes (see :mod:`sage_optim.functional._quant`), decoded and stored block by block.
     """
     if not params:
         return
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, damper=damper,
                   instant_damper=instant_damper, code_compat=code_compat, maximize=maximize, all_reduce=all_reduce,
-                  sharded=sharded, global_shapes=global_shapes)
+                  sharded=sharded, global_shapes=global_shapes, quantized=quantized)
     if fused or compiled:
         _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, compiled=compiled, fused=fused,
                             column_means=column_means if fused else None, **kwargs)

@@ -21,7 +21,7 @@ __all__ = ["RuleOptimizer", "StateBytes", "NonFiniteGradientError", "NONFINITE_P
 
 NONFINITE_POLICIES = ("raise", "skip")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                torch.float64: "float64"}
+                torch.float64: "float64", torch.int8: "int8"}
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -63,8 +63,8 @@ def state_dtype_name(value: Union[None, str, torch.dtype]) -> Optional[str]:
         return value
     if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
         return _DTYPE_NAMES[value]
-    raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16, torch.float16 or torch.float64; "
-                     f"got {value!r}")
+    raise ValueError(f"state_dtype must be None, torch.float32, torch.bfloat16, torch.float64 or torch.int8 "
+                     f"(8-bit block-quantised, SAGE/Lion only); got {value!r}")
 
 
 def spec_nbytes(spec: StateSpec) -> int:
@@ -199,6 +199,8 @@ class RuleOptimizer(Optimizer):
                 if key == "step":
                     # note: kept on the CPU as torch.optim does, so reading it never syncs a device.
                     state[key] = torch.tensor(0.0, dtype=torch.float32)
+                elif key.endswith("_seed"):  # drawn from torch's RNG: reproducible under torch.manual_seed
+                    state[key] = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
                 elif shape == tuple(param.shape):
                     state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
                 else:

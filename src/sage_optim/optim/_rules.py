@@ -22,7 +22,11 @@ __all__ = ["Rule", "RULES", "StateSpec", "resolve_state_dtype"]
 StateSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 _STEP_SPEC = ((), torch.float32)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+           "int8": torch.int8}
+#: Rules whose momentum may be 8-bit block-quantised (functional/_quant.py): sign updates, where only
+#: the direction's sign is used, so the rounding noise of an unbiased 8-bit code matters least.
+_INT8_RULES = ("sage", "lion")
 
 
 def resolve_state_dtype(param: Tensor, state_dtype: Optional[str]) -> torch.dtype:
@@ -105,6 +109,17 @@ def _validate_sign_rule(group: dict[str, Any]) -> None:
     _check_flags(group, "code_compat", "instant_damper")
 
 
+def _refuse_int8(group: dict[str, Any]) -> None:
+    if group.get("state_dtype") == "int8":
+        raise ValueError(f"state_dtype int8 is for the sign rules {list(_INT8_RULES)}{_where(group)}: this rule "
+                         "uses its state's values, not a sign; use bfloat16 or float32")
+
+
+def _validate_adamw(group: dict[str, Any]) -> None:
+    _validate_sign_rule(group)
+    _refuse_int8(group)
+
+
 def _validate_sinkgd(group: dict[str, Any]) -> None:
     _check_common(group)
     _check_eps(group)
@@ -130,14 +145,23 @@ def _param_ok(name: str, param: Tensor, group: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- specs
+def _momentum_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
+    dtype = resolve_state_dtype(param, group.get("state_dtype"))
+    spec: StateSpec = {"step": _STEP_SPEC, "exp_avg": (tuple(param.shape), dtype)}
+    if dtype == torch.int8:  # codes + per-block maxima + the stochastic rounding's seed (functional/_quant.py)
+        from ..functional._quant import absmax_shape
+
+        spec["exp_avg_absmax"] = (absmax_shape(param.shape), torch.float32)
+        spec["exp_avg_seed"] = ((), torch.int64)
+    return spec
+
+
 def _sage_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
-    return {"step": _STEP_SPEC,
-            "exp_avg": (tuple(param.shape), resolve_state_dtype(param, group.get("state_dtype"))),
-            "col_ema": (_col_shape(param), _vector_dtype(param))}
+    return {**_momentum_spec(param, group), "col_ema": (_col_shape(param), _vector_dtype(param))}
 
 
 def _lion_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
-    return {"step": _STEP_SPEC, "exp_avg": (tuple(param.shape), resolve_state_dtype(param, group.get("state_dtype")))}
+    return _momentum_spec(param, group)
 
 
 def _adamw_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
@@ -163,13 +187,17 @@ class ShardInfo:
 def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
                shards: ShardInfo, *, damper: bool, first_pass: Optional[list[Any]] = None) -> None:
     beta1, beta2 = group["betas"]
+    if group.get("state_dtype") == "int8" and shards.sharded is not None and any(shards.sharded):
+        raise NotImplementedError("state_dtype int8 on dim-0-sharded (FSDP2) parameters is not implemented: a "
+                                  "shard boundary can cut a quantisation block; use bfloat16 momentum there")
     F.sage(params, grads, [s["exp_avg"] for s in states], [s.get("col_ema") for s in states],
            [s["step"] for s in states], lr=_float(group["lr"]), beta1=beta1, beta2=beta2,
            eps=group.get("eps", 0.0), weight_decay=group["weight_decay"], damper=damper,
            instant_damper=group.get("instant_damper", True), code_compat=group.get("code_compat", False),
            maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
            all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
-           compiled=bool(group.get("compile")), fused=bool(group.get("fused")), column_means=first_pass)
+           compiled=bool(group.get("compile")), fused=bool(group.get("fused")), column_means=first_pass,
+           quantized=[(s["exp_avg_absmax"], s["exp_avg_seed"]) if "exp_avg_seed" in s else None for s in states])
 
 
 def _step_sage(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
@@ -227,6 +255,7 @@ def _validate_muon(group: dict[str, Any]) -> None:
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"Invalid momentum: {momentum!r}{_where(group)}; use a value in [0, 1), e.g. 0.95")
     _check_flags(group, "nesterov")
+    _refuse_int8(group)
     if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
         raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r}{_where(group)}; "
                          "choose None, 'original' or 'match_rms_adamw'")
@@ -294,7 +323,7 @@ RULES: dict[str, Rule] = {
                    _validate_sinkgd, _param_check_matrix, _no_state, _step_sinkgd, True, _first_pass_sinkgd),
     "adamw": Rule("adamw", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
                             "state_dtype": None},
-                  _validate_sign_rule, _param_ok, _adamw_spec, _step_adamw, False),
+                  _validate_adamw, _param_ok, _adamw_spec, _step_adamw, False),
     "muon": Rule("muon", {"lr": 1e-3, "weight_decay": 1e-2, "momentum": 0.95, "nesterov": True, "eps": 1e-7,
                           "adjust_lr_fn": "match_rms_adamw", "state_dtype": None},
                  _validate_muon, _param_check_2d, _muon_spec, _step_muon, True),

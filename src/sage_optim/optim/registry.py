@@ -131,6 +131,8 @@ REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in [
     RegistryEntry("muon-hybrid", _muon_hybrid, 1e-3, "torch Muon (match_rms_adamw) hidden + AdamW embedding/head/vectors"),
     RegistryEntry("sage-hybrid-bf16", _with_defaults(_sage_hybrid, state_dtype=torch.bfloat16), 2e-3,
                   "sage-hybrid with bf16 momentum (round to nearest)"),
+    RegistryEntry("sage-hybrid-int8", _with_defaults(_sage_hybrid, state_dtype=torch.int8), 2e-3,
+                  "sage-hybrid with 8-bit block-quantised momentum (stochastic rounding)"),
     RegistryEntry("apollo", _apollo, 1e-4, "APOLLO-Mini (apollo-torch: rank 1, tensor-wise, scale 128) hidden + "
                   "AdamW embedding/head/vectors", requires=("apollo_torch", "bitsandbytes", "transformers", "numpy")),
     RegistryEntry("adam-mini", _adam_mini, 1e-4, "Adam-mini (adam-mini): one second moment per head/row/tensor",
@@ -151,6 +153,7 @@ ABLATIONS: dict[str, list[str]] = {
                        "hybrid-embed-sage-code-compat"],
     "embedding-dilemma": ["sinkgd-pure", "sinkgd-hybrid", "sage-pure", "sage-hybrid"],
     "bf16-momentum": ["sage-hybrid", "sage-hybrid-bf16"],
+    "int8-momentum": ["sage-hybrid", "sage-hybrid-bf16", "sage-hybrid-int8"],
 }
 
 _EXTRA = 'pip install "sage-optim[baselines]"'
