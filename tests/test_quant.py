@@ -179,3 +179,22 @@ def test_int8_is_refused_where_it_does_not_apply():
     group = dict(RULES["lion"].defaults, state_dtype="int8", params=[w])
     with pytest.raises(NotImplementedError, match="int8 on dim-0-sharded"):
         RULES["lion"].step(group, [w], [torch.ones(4, 4)], [{}], ShardInfo(sharded=[True]))
+
+
+def test_int8_state_does_not_consume_torchs_random_numbers():
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(4, 300))
+    opt = so.SAGE([p], state_dtype=torch.int8)
+    p.grad = torch.randn(4, 300)
+    before = torch.random.get_rng_state()
+    expected_next = torch.randn(3)
+    torch.random.set_rng_state(before)
+    opt.step()  # creates the state, seed included
+    assert torch.equal(torch.randn(3), expected_next)
+    other = so.SAGE([torch.nn.Parameter(torch.randn(4, 300)), torch.nn.Parameter(torch.randn(4, 300))],
+                    state_dtype=torch.int8)
+    for q in other.param_groups[0]["params"]:
+        q.grad = torch.ones(4, 300)
+    other.step()
+    seeds = [int(s["exp_avg_seed"]) for s in other.state.values()]
+    assert seeds[0] != seeds[1]  # each tensor rounds with its own random numbers

@@ -14,8 +14,9 @@ Storing rounds **stochastically** between the two neighbouring code values, up w
 the distance covered, so the stored momentum is unbiased: E[decode(store(m))] = m. Round-to-nearest
 would freeze it: SAGE's momentum moves by (1 − β2) = 1% of g per step, less than half a code step for
 most elements, and every store would undo the update. The random numbers come from a generator seeded
-per tensor and step (``seed``: drawn from torch's RNG when the state is created, kept in the state), so a
-run is reproducible and resumes bit for bit.
+per tensor and step (``seed``: derived from ``torch.initial_seed()`` and the tensor's order when the state
+is created, kept in the state; torch's RNG stream is not consumed), so a run is reproducible and resumes
+bit for bit.
 
 Memory: 1 byte per element plus 4 bytes per 256 (1.016 B) — a quarter of float32 momentum, half of bf16.
 """

@@ -199,8 +199,11 @@ class RuleOptimizer(Optimizer):
                 if key == "step":
                     # note: kept on the CPU as torch.optim does, so reading it never syncs a device.
                     state[key] = torch.tensor(0.0, dtype=torch.float32)
-                elif key.endswith("_seed"):  # drawn from torch's RNG: reproducible under torch.manual_seed
-                    state[key] = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+                elif key.endswith("_seed"):
+                    # note: from torch's seed and the tensor's order, not drawn from torch's RNG, so that an
+                    # int8-momentum run consumes the same random numbers (dropout, ...) as any other run
+                    state[key] = torch.tensor((torch.initial_seed() * 1_000_003 + len(self.state)) % (2**31 - 1),
+                                              dtype=torch.int64)
                 elif shape == tuple(param.shape):
                     state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
                 else:
