@@ -200,6 +200,10 @@ def _cases(iters: int, with_compile: bool, with_fused: bool = False) -> list[Cas
             Case("SinkGD, hidden only (fused)", lambda ps: so.SinkGD(hidden(ps), lr=2e-3, fused=True),
                  (sinkgd_passes, 0)),
             Case("Lion (fused)", lambda ps: so.Lion([p for _, p, _ in ps], fused=True), (lion, lion)),
+            # 8-bit momentum: m moves 1 byte each way instead of 4 (its per-block decode/encode is torch ops)
+            Case("SinkSAGE int8 momentum (fused)", lambda ps: so.SinkSAGE(_hybrid_groups(ps), fused=True,
+                                                                          state_dtype=torch.int8),
+                 (sinkgd_passes, sage - 1.5)),
         ]
     return cases
 
