@@ -240,6 +240,33 @@ def test_c_fused_step_reads_matrix_gradients_once_for_the_finite_check_and_the_u
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
+@pytest.mark.parametrize("name, kwargs", [("SAGE", {}), ("SAGE", {"code_compat": True}), ("Lion", {})],
+                         ids=["SAGE", "SAGE-code-compat", "Lion"])
+def test_c_int8_momentum_step_matches_the_torch_path(name, kwargs, monkeypatch):
+    # the same decode, step and counter-based stochastic rounding in one C pass; torch's lerp may round the
+    # momentum 1 ulp differently (it can use FMA), which moves a rounding decision now and then
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    shapes = [(300, 700), (40,), (5, 3, 100)]
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.int8, **kwargs)
+    loop = getattr(so, name)(a, foreach=False, fused=False, **kw)
+    fused = getattr(so, name)(b, fused=True, **kw)
+    for _ in range(10):
+        for pa, pb in zip(a, b):
+            pa.grad = torch.randn(pa.shape)
+            pb.grad = pa.grad.clone()
+        loop.step()
+        fused.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pb, pa, atol=1e-5, rtol=0)
+        sa, sb = loop.state[pa], fused.state[pb]
+        assert (sa["exp_avg"] != sb["exp_avg"]).float().mean() < 1e-3
+        torch.testing.assert_close(sb["exp_avg_absmax"], sa["exp_avg_absmax"], rtol=1e-5, atol=0)
+
+
 def test_fused_is_chosen_automatically_only_for_cuda_parameters():
     from sage_optim.optim._base import _default_fused
 

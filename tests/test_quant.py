@@ -9,13 +9,13 @@ import torch
 
 import sage_optim as so
 from sage_optim.functional._quant import (LEVELS, QUANT_BLOCK, absmax_shape, dequantize_into, quantize_,
-                                          rounding_generator)
+                                          rounding_key)
 
 
 def _store(values: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     codes = torch.zeros(values.shape, dtype=torch.int8)
     absmax = torch.zeros(absmax_shape(values.shape), dtype=values.dtype)
-    quantize_(codes, absmax, values.clone(), torch.Generator().manual_seed(seed))
+    quantize_(codes, absmax, values.clone(), rounding_key(torch.tensor(seed), torch.tensor(0)))
     return codes, absmax
 
 
@@ -83,7 +83,7 @@ def test_momentum_follows_its_ema_where_round_to_nearest_would_freeze_it():
         return dequantize_into(torch.empty_like(g1), codes, absmax)
 
     def stochastic(codes, absmax, work, step):
-        quantize_(codes, absmax, work, rounding_generator(torch.tensor(7), torch.tensor(step), work.device))
+        quantize_(codes, absmax, work, rounding_key(torch.tensor(7), torch.tensor(step)))
 
     def nearest(codes, absmax, work, step):
         scale = _per_element(absmax.copy_(work.abs().view(8, 1, 256).amax(-1)), 256)
@@ -104,7 +104,7 @@ def _reference_lion_step(param, grad, codes, absmax, seed, step, *, lr, weight_d
     direction = (beta1 * momentum + (1 - beta1) * grad).sign()
     param.mul_(1 - lr * weight_decay).sub_(lr * direction)
     momentum = beta2 * momentum + (1 - beta2) * grad
-    quantize_(codes, absmax, momentum, rounding_generator(seed, step, grad.device))
+    quantize_(codes, absmax, momentum, rounding_key(seed, step))
 
 
 @pytest.mark.parametrize("foreach", [False, True])

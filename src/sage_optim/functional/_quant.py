@@ -13,10 +13,13 @@ with a linear code).
 Storing rounds **stochastically** between the two neighbouring code values, up with probability equal to
 the distance covered, so the stored momentum is unbiased: E[decode(store(m))] = m. Round-to-nearest
 would freeze it: SAGE's momentum moves by (1 − β2) = 1% of g per step, less than half a code step for
-most elements, and every store would undo the update. The random numbers come from a generator seeded
-per tensor and step (``seed``: derived from ``torch.initial_seed()`` and the tensor's order when the state
-is created, kept in the state; torch's RNG stream is not consumed), so a run is reproducible and resumes
-bit for bit.
+most elements, and every store would undo the update.
+
+The uniform number of element i (its index in the flattened tensor) at a step is counter-based, not drawn
+from a stream: u = (h(i ⊕ key) >> 8) · 2⁻²⁴ with key = h(seed ⊕ h(step)) and h a 32-bit integer hash
+(:func:`hash32`), so any block of any tensor can be rounded on its own, in any order, by torch ops or by
+the C kernel (``kernels/cpu_kernels.c``), with the same result. ``seed`` is per tensor (kept in the state,
+derived from ``torch.initial_seed()``), so a run is reproducible and resumes bit for bit.
 
 Memory: 1 byte per element plus 4 bytes per 256 (1.016 B) — a quarter of float32 momentum, half of bf16.
 """
@@ -28,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["QUANT_BLOCK", "LEVELS", "absmax_shape", "dequantize_into", "quantize_", "rounding_generator"]
+__all__ = ["QUANT_BLOCK", "LEVELS", "absmax_shape", "dequantize_into", "quantize_", "rounding_key", "hash32"]
 
 QUANT_BLOCK = 256
 LEVELS = 127
@@ -59,16 +62,35 @@ def dequantize_into(out: Tensor, codes: Tensor, absmax: Tensor) -> Tensor:
     return out
 
 
-def rounding_generator(seed: Tensor, step: Tensor, device: torch.device) -> torch.Generator:
-    """The generator of one tensor's stochastic rounding at one step (seed and step are 0-D CPU tensors)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((int(seed) * 1_000_003 + int(step)) % (1 << 63))
-    return generator
+# note: multipliers below 2^31, so that x · c < 2^63 stays exact in torch's int64 as in C's uint32
+_MUL1, _MUL2 = 0x7FEB352D, 0x2C1B3C6D
+_MASK = 0xFFFFFFFF
 
 
-def quantize_(codes: Tensor, absmax: Tensor, values: Tensor, generator: torch.Generator) -> None:
+def hash32(x):  # type: ignore[no-untyped-def]
+    """A 32-bit integer hash (xor-shift-multiply) of a Python int or an int64 tensor holding values < 2^32."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _MASK
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: Tensor, step: Tensor) -> int:
+    """The key of one tensor's stochastic rounding at one step (seed and step are 0-D tensors)."""
+    return hash32((int(seed) & _MASK) ^ hash32(int(step) & _MASK))
+
+
+def uniform(key: int, first_index: int, shape: Sequence[int], device: torch.device) -> Tensor:
+    """The uniform numbers in [0, 1) of elements ``first_index``, ``first_index + 1``, ... (float32, ``shape``)."""
+    index = torch.arange(first_index, first_index + math.prod(shape), dtype=torch.int64, device=device)
+    return (hash32((index & _MASK) ^ key) >> 8).to(torch.float32).mul_(2.0 ** -24).view(*shape)
+
+
+def quantize_(codes: Tensor, absmax: Tensor, values: Tensor, key: int, first_index: int = 0) -> None:
     """Store ``values`` (rows, cols; float, overwritten as scratch) into ``codes`` and ``absmax`` with unbiased
-    stochastic rounding between neighbouring code values. A block of zeros stores a = 0 and codes 0."""
+    stochastic rounding between neighbouring code values; ``first_index``: the flat index of ``values[0, 0]``
+    in its tensor. A block of zeros stores a = 0 and codes 0."""
     rows, cols = values.shape
     full = cols - cols % QUANT_BLOCK
     magnitude = values.abs()
@@ -84,5 +106,5 @@ def quantize_(codes: Tensor, absmax: Tensor, values: Tensor, generator: torch.Ge
     low_value = (lower / LEVELS).square_()
     step = ((lower + 1) / LEVELS).square_().sub_(low_value)
     up = magnitude.sub_(low_value).div_(step)  # where t lies between the two code values, in [0, 1)
-    up = torch.rand(up.shape, generator=generator, dtype=up.dtype, device=up.device) < up
+    up = uniform(key, first_index, up.shape, up.device).to(up.dtype) < up
     codes.copy_(lower.add_(up).clamp_(max=LEVELS).mul_(sign))

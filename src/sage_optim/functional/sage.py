@@ -183,8 +183,14 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     quantized = quantized if quantized is not None else [None] * len(params)
     for param, grad, exp_avg, h, quant, step in zip(params, grads, exp_avgs, dampers, quantized, state_steps):
         kernels = fused_kernels(grad.device) if fused else None
-        if quant is not None:  # 8-bit momentum: the blocked path decodes and stores it
-            _update_one(param, grad, exp_avg, h, scratch=scratch, quantized=(*quant, step), **hparams)
+        if quant is not None:  # 8-bit momentum: one C pass, or the blocked torch path (decode, step, store)
+            q8 = getattr(kernels, "sign_update_q8", None)
+            if q8 is not None and kernels.supports_q8(param, grad, exp_avg, quant[0]):
+                from ._quant import rounding_key
+
+                q8(param, grad.contiguous(), exp_avg, quant[0], h, key=rounding_key(quant[1], step), **hparams)
+            else:
+                _update_one(param, grad, exp_avg, h, scratch=scratch, quantized=(*quant, step), **hparams)
         elif kernels is not None and param.is_contiguous() and exp_avg.is_contiguous() \
                 and kernels.supports_update(param, grad, exp_avg):
             kernels.sign_update(param, grad.contiguous(), exp_avg, h, **hparams)
@@ -273,13 +279,13 @@ def _update_quantized(param: Tensor, grad: Tensor, codes: Tensor, damper: Option
                       beta2: float, code_compat: bool) -> None:
     """:func:`_update_one` with an 8-bit momentum: per row block, m is decoded into a scratch block, the step
     is the same as with a float momentum, and m's new value is stored with stochastic rounding."""
-    from ._quant import dequantize_into, quantize_, rounding_generator
+    from ._quant import dequantize_into, quantize_, rounding_key
 
     target = param if param.is_contiguous() else param.contiguous()
     stored = codes if codes.is_contiguous() else codes.contiguous()
     p, g, m = as_rows(target), as_rows(grad.contiguous()), as_rows(stored)
     h = None if damper is None else damper.reshape(1, -1)
-    generator = rounding_generator(seed, step, g.device)
+    key = rounding_key(seed, step)
     for block in row_blocks(*g.shape):
         shape, numel = g[block].shape, g[block].numel()
         both = scratch.take(2 * numel, g)
@@ -296,7 +302,7 @@ def _update_quantized(param: Tensor, grad: Tensor, codes: Tensor, damper: Option
             p[block].addcmul_(direction, h, value=-lr)
         if not code_compat:
             momentum.lerp_(g[block], 1 - beta2)
-        quantize_(m[block], absmax[block], momentum, generator)
+        quantize_(m[block], absmax[block], momentum, key, first_index=block.start * g.shape[1])
     if target is not param:
         param.copy_(target)
     if stored is not codes:

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..functional._common import as_rows
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
 
@@ -97,6 +97,7 @@ def library() -> ctypes.CDLL:
                 for suffix in ("f32", "f64"):
                     getattr(lib, f"{name}_{suffix}").argtypes = argtypes
             lib.sign_update_f32_bf16m.argtypes = _SIGNATURES["sign_update"]
+            lib.sign_update_q8_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT, _I64, _INT]
             for suffix in ("f32", "f64"):
                 getattr(lib, f"max_abs_{suffix}").argtypes = [_P, _I64, _INT]
                 getattr(lib, f"max_abs_{suffix}").restype = _F64
@@ -155,6 +156,24 @@ def max_abs(tensor: Tensor) -> float:
 def grad_scale(largest: float) -> float:
     """SinkGD's s from :func:`max_abs`, as ``functional.sinkgd.max_abs`` defines it: 1 for 0 or NaN."""
     return largest if largest > 0 else 1.0
+
+
+def supports_q8(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor) -> bool:
+    """Whether :func:`sign_update_q8` takes these tensors (float32, contiguous, int8 codes)."""
+    return (param.dtype == grad.dtype == absmax.dtype == torch.float32 and codes.dtype == torch.int8
+            and all(t.is_contiguous() for t in (param, grad, codes, absmax)))
+
+
+def sign_update_q8(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor, damper: Optional[Tensor], *,
+                   lr: float, weight_decay: float, beta1: float, beta2: float, code_compat: bool, key: int) -> None:
+    """SAGE's (``damper=None``: Lion's) step with an 8-bit momentum (``functional/_quant.py``) in one pass:
+    decode, step and stochastic-rounding encode of each 256-block while it is in cache."""
+    if grad.numel() == 0:
+        return
+    rows, cols = as_rows(grad).shape
+    h = (torch.ones(cols, dtype=grad.dtype) if damper is None else damper.reshape(-1).to(grad.dtype).contiguous())
+    library().sign_update_q8_f32(_ptr(param), _ptr(grad), _ptr(codes), _ptr(absmax), _ptr(h), rows, cols, lr,
+                                 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, int(code_compat), key, _threads())
 
 
 def column_abs_sums(matrix: Tensor, divisor: int) -> Tensor:

@@ -12,7 +12,8 @@
  * 16-bit pattern and rounded to nearest-even on store, exactly as torch's copy_ rounds.
  * Threads: OpenMP, the runtime torch itself loaded (same soname), with the count passed in from torch.
  * Sums are accumulated in double. Compiled with -ffp-contract=off so that a*b+c is never fused: the
- * element-wise update then rounds exactly like the eager torch ops it replaces.
+ * element-wise update then rounds exactly like the eager torch ops it replaces; and with -fno-math-errno
+ * (nothing here reads errno), without which sqrtf is a call that stops vectorisation.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,6 +35,20 @@ static inline uint16_t f32_to_bf16(float value) {
 }
 
 /* ---------------------------------------------------------------------------------------- SAGE / Lion */
+/* One element of the sign step: θ ← θ·decay − lr·sign(m + w1·(g − m))·h and m ← m + w2·(g − m), in the
+ * order code_compat asks for (torch's lerp for weights below 0.5 rounds exactly like m + w·(g − m)). */
+#define SIGN_ELEMENT(T, pj, gj, mj, hj)                                                                       \
+    do {                                                                                                      \
+        /* both orders computed and one selected: no branch, so the loop vectorises */                       \
+        const T first = code_compat ? mj + w2 * (gj - mj) : mj;                                               \
+        const T direction = first + w1 * (gj - first);                                                        \
+        mj = code_compat ? first : mj + w2 * (gj - mj);                                                       \
+        T sign = direction > 0 ? (T)1 : (direction < 0 ? (T)-1 : (T)0);                                        \
+        T step = damper ? sign * (hj) : sign;                                                                 \
+        T decayed = (pj) * decay_t;                                                                           \
+        (pj) = decayed - lr_t * step;                                                                         \
+    } while (0)
+
 #define SIGN_UPDATE(NAME, T, M_T, LOAD_M, STORE_M)                                                           \
     void NAME(T *param, const T *grad, M_T *exp_avg, const T *damper, int64_t rows, int64_t cols, double lr,  \
               double decay, double weight1, double weight2, int code_compat, int threads) {                   \
@@ -45,19 +60,7 @@ static inline uint16_t f32_to_bf16(float value) {
             M_T *m = exp_avg + r * cols;                                                                      \
             for (int64_t j = 0; j < cols; ++j) {                                                              \
                 T mj = LOAD_M(m[j]);                                                                          \
-                T gj = g[j];                                                                                  \
-                T direction;                                                                                  \
-                if (code_compat) {                                                                            \
-                    mj = mj + w2 * (gj - mj);                                                                 \
-                    direction = mj + w1 * (gj - mj);                                                          \
-                } else {                                                                                      \
-                    direction = mj + w1 * (gj - mj);                                                          \
-                    mj = mj + w2 * (gj - mj);                                                                 \
-                }                                                                                             \
-                T sign = direction > 0 ? (T)1 : (direction < 0 ? (T)-1 : (T)0);                                \
-                T step = damper ? sign * damper[j] : sign;                                                    \
-                T decayed = p[j] * decay_t;                                                                   \
-                p[j] = decayed - lr_t * step;                                                                 \
+                SIGN_ELEMENT(T, p[j], g[j], mj, damper ? damper[j] : (T)1);                                   \
                 m[j] = STORE_M(mj);                                                                           \
             }                                                                                                 \
         }                                                                                                     \
@@ -67,6 +70,69 @@ static inline uint16_t f32_to_bf16(float value) {
 SIGN_UPDATE(sign_update_f32, float, float, SAME, SAME)
 SIGN_UPDATE(sign_update_f64, double, double, SAME, SAME)
 SIGN_UPDATE(sign_update_f32_bf16m, float, uint16_t, bf16_to_f32, f32_to_bf16)
+
+/* The same step with an 8-bit momentum (functional/_quant.py): per block of Q8_BLOCK elements of a row, m is
+ * decoded as sign(k)·k²/127²·a, stepped as above, and stored again: the block's new largest |m| becomes a,
+ * and each t = |m|/a is rounded up or down between (k/127)² and ((k+1)/127)² with the counter-based uniform
+ * number of its flat index — the same operations, in the same float32 order, as the torch path. */
+#define Q8_BLOCK 256
+#define Q8_LEVELS 127.0f
+static inline uint32_t hash32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x2C1B3C6Du;
+    return x ^ (x >> 16);
+}
+
+/* damper: never NULL here (Lion passes ones: sign · 1 is exact), so that the loop has no branch on it. */
+void sign_update_q8_f32(float *param, const float *grad, int8_t *codes, float *absmax, const float *damper,
+                        int64_t rows, int64_t cols, double lr, double decay, double weight1, double weight2,
+                        int code_compat, int64_t key, int threads) {
+    const float lr_t = (float)lr, decay_t = (float)decay, w1 = (float)weight1, w2 = (float)weight2;
+    const int64_t blocks = (cols + Q8_BLOCK - 1) / Q8_BLOCK;
+    const uint32_t key_bits = (uint32_t)key;
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t r = 0; r < rows; ++r) {
+        float fresh[Q8_BLOCK];
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t start = b * Q8_BLOCK, length = cols - start < Q8_BLOCK ? cols - start : Q8_BLOCK;
+            float *p = param + r * cols + start;
+            const float *g = grad + r * cols + start;
+            int8_t *k = codes + r * cols + start;
+            const float a = absmax[r * blocks + b];
+            float largest = 0;
+            _Pragma("omp simd reduction(max:largest)")
+            for (int64_t j = 0; j < length; ++j) {
+                const float code = (float)k[j];
+                float mj = code * fabsf(code) / (Q8_LEVELS * Q8_LEVELS) * a;
+                SIGN_ELEMENT(float, p[j], g[j], mj, damper[start + j]);
+                fresh[j] = mj;
+                largest = fabsf(mj) > largest ? fabsf(mj) : largest;
+            }
+            absmax[r * blocks + b] = largest;
+            const float scale = largest > 0 ? largest : 1.0f;
+            const uint32_t first_index = (uint32_t)((uint64_t)(r * cols + start) & 0xFFFFFFFFu);
+            int32_t levels[Q8_BLOCK];
+            _Pragma("omp simd")
+            for (int32_t j = 0; j < (int32_t)length; ++j) {
+                const float t = fabsf(fresh[j]) / scale;
+                float lower = (float)(int32_t)(sqrtf(t) * Q8_LEVELS); /* ≥ 0: truncation is floor (floorf does not vectorise) */
+                lower = lower > Q8_LEVELS ? Q8_LEVELS : lower;
+                const float low = lower / Q8_LEVELS, high = (lower + 1.0f) / Q8_LEVELS;
+                const float low_value = low * low;
+                const float up = (t - low_value) / (high * high - low_value);
+                const uint32_t bits = hash32((first_index + (uint32_t)j) ^ key_bits) >> 8;
+                const float u = (float)(int32_t)bits * 5.9604644775390625e-08f; /* 2^-24 */
+                float level = lower + (u < up ? 1.0f : 0.0f);
+                level = level > Q8_LEVELS ? Q8_LEVELS : level;
+                const float sign = fresh[j] > 0 ? 1.0f : (fresh[j] < 0 ? -1.0f : 0.0f);
+                levels[j] = (int32_t)(level * sign);
+            }
+            for (int64_t j = 0; j < length; ++j) k[j] = (int8_t)levels[j];
+        }
+    }
+}
 
 /* out[j] = Σ_t partial[t][j]: the per-thread column sums of a pass, combined in a fixed order. */
 static void sum_thread_partials(const double *partial, double *out, int threads, int64_t cols) {
