@@ -277,8 +277,8 @@ def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[T
 def _update_quantized(param: Tensor, grad: Tensor, codes: Tensor, damper: Optional[Tensor], absmax: Tensor,
                       seed: Tensor, step: Tensor, *, scratch: Workspace, lr: float, weight_decay: float, beta1: float,
                       beta2: float, code_compat: bool) -> None:
-    """:func:`_update_one` with an 8-bit momentum: per row block, m is decoded into a scratch block, the step
-    is the same as with a float momentum, and m's new value is stored with stochastic rounding."""
+    """:func:`_update_one` with an 8-bit momentum: per row block, m is decoded into a scratch block, the block
+    takes the float-momentum step (:func:`_update_block`), and m's new value is stored with stochastic rounding."""
     from ._quant import dequantize_into, quantize_, rounding_key
 
     target = param if param.is_contiguous() else param.contiguous()
@@ -290,18 +290,8 @@ def _update_quantized(param: Tensor, grad: Tensor, codes: Tensor, damper: Option
         shape, numel = g[block].shape, g[block].numel()
         both = scratch.take(2 * numel, g)
         momentum = dequantize_into(both[:numel].view(shape), m[block], absmax[block])
-        direction = both[numel:].view(shape)
-        if weight_decay != 0:
-            p[block].mul_(1 - lr * weight_decay)
-        if code_compat:
-            momentum.lerp_(g[block], 1 - beta2)
-        torch.lerp(momentum, g[block], 1 - beta1, out=direction).sign_()
-        if h is None:
-            p[block].add_(direction, alpha=-lr)
-        else:
-            p[block].addcmul_(direction, h, value=-lr)
-        if not code_compat:
-            momentum.lerp_(g[block], 1 - beta2)
+        _update_block(p[block], g[block], momentum, h, both[numel:].view(shape), lr=lr, weight_decay=weight_decay,
+                      beta1=beta1, beta2=beta2, code_compat=code_compat)
         quantize_(m[block], absmax[block], momentum, key, first_index=block.start * g.shape[1])
     if target is not param:
         param.copy_(target)
