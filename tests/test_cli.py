@@ -199,7 +199,7 @@ def test_meta_state_bytes_equal_a_real_optimizer_after_one_real_step(tied: bool)
 
 def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
         tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["compare", "--preset", "cpu-tiny", "--optimizers", "adamw", "sage-hybrid", "--seeds", "1", "2",
+    args = ["compare", "--preset", "cpu-tiny", "--optimizers", "adamw", "sage-hybrid", "--seeds", "2", "10",
             "--steps", "4", "--out", str(tmp_path), *data_args]
     assert main(args) == 0
     first = capsys.readouterr()
@@ -212,6 +212,8 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     assert main(args) == 0
     assert capsys.readouterr().err.count("is complete, skipping") == 4
     assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
+    assert main(["plot", str(tmp_path)]) == 0  # redrawn from the directory: seeds in numeric order
+    assert "| 2, 10 |" in (tmp_path / "results.md").read_text()
 
 
 def test_compare_refuses_optimizers_missing_from_the_registry(tmp_path: Path,

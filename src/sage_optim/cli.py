@@ -308,10 +308,13 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
     out = Path(args.dir)
+    def run_order(summary: Path) -> tuple[str, int, str]:
+        name, seed = summary.parent.name.rsplit("-seed", 1)
+        return name, int(seed) if seed.isdigit() else -1, seed  # seed 88 before seed 123
+
     runs: dict[str, list[Path]] = {}
-    for summary in sorted(out.glob("*-seed*/summary.json")):
-        name = summary.parent.name.rsplit("-seed", 1)[0]
-        runs.setdefault(name, []).append(summary.parent)
+    for summary in sorted(out.glob("*-seed*/summary.json"), key=run_order):
+        runs.setdefault(run_order(summary)[0], []).append(summary.parent)
     if not runs:
         raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
     _write_results(out, runs, args.tuned)
