@@ -148,11 +148,13 @@ def test_sinkgd_fused_handles_tiny_and_huge_gradients_like_the_for_loop(backend,
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("rows", [1030, 1032])
-def test_c_sinkgd_row_blocks_and_column_sum_blocks_cover_every_row(dtype, rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1030, 1032, 2053])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_c_sinkgd_row_blocks_and_column_sum_blocks_cover_every_row(dtype, rows, threads, monkeypatch):
     # the C sweep takes rows four at a time and flushes its column sums every 256 rows of a thread: these
     # cross that boundary on 1-4 threads, and end with or without a tail of 1-3 rows after the last four
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors go to the C kernels
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernels' thread count
     a = [torch.nn.Parameter(torch.randn(rows, 6, dtype=dtype))]
     b = [torch.nn.Parameter(a[0].detach().clone())]
     a[0].grad = torch.randn(rows, 6, dtype=dtype) * torch.linspace(0.1, 3.0, rows, dtype=dtype)[:, None]
@@ -178,6 +180,31 @@ def test_c_max_abs_reads_nan_and_gives_the_functional_grad_scale():
         if raw is not None:
             assert largest == raw or (math.isnan(raw) and math.isnan(largest)), name
         assert cpu.grad_scale(largest) == float(max_abs(tensor)), name  # s as the for-loop path takes it
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_c_two_stream_reads_cover_every_element(threads, monkeypatch):
+    # max |x| and the column sums read each thread's share as two interleaved halves, in chunks (256
+    # elements; 256-row blocks): the largest entry and a marked row placed in either half, in a tail after the
+    # last whole chunk, or at either end are all seen, on 1-4 threads
+    from sage_optim.kernels import cpu
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for n in (1, 2, 511, 512, 513, 3 * 1024 + 17):
+        for where in {min(i, n - 1) for i in (0, n // 4, n // 2, n // 2 + 1, n - 2, n - 1)}:
+            x = torch.rand(n) - 0.5
+            x[where] = -7.0
+            assert cpu.max_abs(x) == 7.0, (n, where)
+            x[where] = float("nan")
+            assert math.isnan(cpu.max_abs(x)), (n, where)
+    for rows in (1, 2, 3, 513, 1030, 2 * 1024 + 5):
+        matrix = torch.rand(rows, 6, dtype=torch.float64) - 0.5
+        matrix[rows // 2 + 1 if rows > 2 else 0] = 1000.0
+        for dtype in (torch.float64, torch.float32):
+            expected = matrix.to(dtype).double().abs().sum(0) / rows
+            torch.testing.assert_close(cpu.column_abs_sums(matrix.to(dtype).contiguous(), rows), expected,
+                                       rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=str)
