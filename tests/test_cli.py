@@ -265,7 +265,7 @@ def test_sweep_picks_the_lowest_validation_loss_and_compare_uses_it(tmp_path, da
     summary = json.loads((out / "lion-seed42" / "summary.json").read_text())
     assert summary["lr"] == result["best_lr"]
     results = (out / "results.md").read_text()
-    assert "| lion | " in results and "Learning rates: chosen by `sage-optim sweep`" in results
+    assert "| lion | " in results and "chosen by `sage-optim sweep`" in results
     assert f"| {result['best_lr']:.3g} |" in results  # the sweep's grid and choice are part of the results
     (out / "results.md").unlink()
     assert main(["plot", str(out)]) == 0
@@ -277,6 +277,44 @@ def test_sweep_picks_the_lowest_validation_loss_and_compare_uses_it(tmp_path, da
     extended = json.loads((sweep_dir / "sweep.json").read_text())
     assert [g["lr"] for g in extended["grid"]] == [1e-4, 3e-3, 3e-2, 1e-1]
     assert {g["lr"]: g["val_loss"] for g in extended["grid"]}[1e-4] == losses[1e-4]
+
+
+def test_sweep_of_another_option_runs_at_a_fixed_lr_and_compare_applies_its_best_value(tmp_path, data_args,
+                                                                                         capsys):
+    # ablation (a)'s question: an embedding rule's own lr (embed_lr), swept with the dense lr held fixed
+    sweeps = tmp_path / "sweeps"
+    out = sweeps / "hybrid-embed-adamw"
+    common = ["--preset", "cpu-tiny", "--optimizer", "hybrid-embed-adamw", "--steps", "4", "--out", str(out),
+              *data_args]
+    assert main(["sweep", *common, "--param", "embed_lr", "--values", "1e-4", "3e-3"]) == 0
+    result = json.loads((out / "sweep-embed_lr.json").read_text())
+    assert result["param"] == "embed_lr" and result["lr"] == 2e-3  # the registry's lr, no lr sweep here
+    losses = {g["value"]: g["val_loss"] for g in result["grid"]}
+    assert set(losses) == {1e-4, 3e-3} and result["best"] == min(losses, key=losses.get)
+    for g in result["grid"]:
+        config = json.loads((out / g["run"] / "config.json").read_text())
+        assert config["optim"]["kwargs"] == {"embed_lr": g["value"]} and config["optim"]["lr"] == 2e-3
+    assert losses[1e-4] != losses[3e-3]  # the option reached the optimizer
+    cmp = tmp_path / "cmp"
+    assert main(["compare", "--preset", "cpu-tiny", "--optimizers", "hybrid-embed-adamw", "--steps", "4",
+                 "--out", str(cmp), "--tuned", str(sweeps), *data_args]) == 0
+    config = json.loads((cmp / "hybrid-embed-adamw-seed42" / "config.json").read_text())
+    assert config["optim"]["kwargs"] == {"embed_lr": result["best"]} and config["optim"]["lr"] == 2e-3
+    assert "| embed_lr (at lr 0.002) |" in (cmp / "results.md").read_text()
+    capsys.readouterr()
+    # an lr sweep that picks another lr makes the option's sweep stale: refused, with the fix
+    (out / "sweep.json").write_text(json.dumps({"best_lr": 1e-3, "param": "lr", "seed": 42, "grid": []}))
+    assert main(["compare", "--preset", "cpu-tiny", "--optimizers", "hybrid-embed-adamw", "--steps", "4",
+                 "--out", str(tmp_path / "cmp2"), "--tuned", str(sweeps), *data_args]) == 2
+    assert "embed_lr was swept at lr 0.002, but this run uses lr 0.001; sweep it again with --lr 0.001" in \
+        one_line_error(capsys)
+    assert not (tmp_path / "cmp2").exists()  # checked before any run
+    for bad, message in [(["--param", "embed_lr"], "at least two positive values of embed_lr"),
+                         (["--param", "embed_lr", "--lrs", "1e-3", "2e-3"], "--lrs sweeps the lr"),
+                         (["--values", "1e-3", "2e-3"], "--values and --lr are for sweeping another option"),
+                         (["--param", "embed_lr", "--values", "1e-3", "-1"], "at least two positive values")]:
+        assert main(["sweep", *common, *bad]) == 2, bad
+        assert message in one_line_error(capsys), bad
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

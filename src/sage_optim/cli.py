@@ -86,6 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--tuned", metavar="DIR", help="use each optimizer's best lr from DIR/<name>/sweep.json "
+                   "and the best value of any other swept option from DIR/<name>/sweep-<option>.json "
                    "(written by `sage-optim sweep --out DIR/<name>`)")
 
     p = sub.add_parser("sweep", help="learning-rate grid for one optimizer; picks the best by validation loss",
@@ -97,6 +98,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factors", nargs="+", type=float, default=list(SWEEP_DEFAULT_FACTORS), metavar="F",
                    help="multiples of the default lr (default: 0.1 0.316 1 3.16 10)")
     p.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="explicit learning rates (instead of --factors)")
+    p.add_argument("--param", default="lr", metavar="NAME",
+                   help="the hyperparameter to sweep: lr (default), or an option of the optimizer's factory such "
+                   "as embed_lr, swept over --values at a fixed --lr; writes sweep-<NAME>.json")
+    p.add_argument("--values", nargs="+", type=float, metavar="V", help="the values of --param (not lr)")
+    p.add_argument("--lr", type=float, help="with --param other than lr: the fixed lr (default: the registry's)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="default: runs/sweep-<preset>/<optimizer>")
@@ -226,7 +232,7 @@ def _check_registry(names: Sequence[str]) -> None:
 
 
 def _run_once(args: argparse.Namespace, overrides: dict[str, str], *, optimizer: str, seed: int, run_dir: Path,
-              lr: float | None, label: str) -> None:
+              lr: float | None, label: str, opt_kwargs: Optional[dict[str, Any]] = None) -> None:
     """Train one run into ``run_dir`` unless it is complete; resume it when it has a checkpoint."""
     from .train.checkpoint import latest_checkpoint
     from .train.loop import train
@@ -234,26 +240,48 @@ def _run_once(args: argparse.Namespace, overrides: dict[str, str], *, optimizer:
     if (run_dir / "summary.json").exists():
         print(f"{label}: {run_dir} is complete, skipping", file=sys.stderr)
         return
-    cfg = _build_config(args, overrides, {}, optimizer=optimizer)
+    cfg = _build_config(args, overrides, dict(opt_kwargs or {}), optimizer=optimizer)
     cfg.seed = seed
     cfg.output.out_dir = str(run_dir)
     cfg.train.stop_at_step = None
     if lr is not None:
         cfg.optim.lr = lr
     resume = latest_checkpoint(run_dir) is not None
+    options = "".join(f" {k} {v:g}" if isinstance(v, float) else f" {k} {v}" for k, v in (opt_kwargs or {}).items())
     print(f"{label}: {'resuming' if resume else 'training'} {optimizer} seed {seed}"
-          f"{'' if lr is None else f' lr {lr:g}'} -> {run_dir}", file=sys.stderr)
+          f"{'' if lr is None else f' lr {lr:g}'}{options} -> {run_dir}", file=sys.stderr)
     train(cfg, resume=resume)
 
 
+def _option_sweeps(tuned_dir: str, name: str) -> list[Path]:
+    """DIR/<name>/sweep-<option>.json: sweeps of an optimizer option other than lr (e.g. embed_lr)."""
+    return sorted((Path(tuned_dir) / name).glob("sweep-*.json"))
+
+
 def _tuned_lr(tuned_dir: str | None, name: str) -> float | None:
+    """The best lr of DIR/<name>/sweep.json; None (the registry's lr) when only other options were swept."""
     if tuned_dir is None:
         return None
     path = Path(tuned_dir) / name / "sweep.json"
     if not path.exists():
+        if _option_sweeps(tuned_dir, name):
+            return None
         raise UsageError(f"--tuned {tuned_dir}: no {path}; run `sage-optim sweep --optimizer {name} "
                          f"--out {Path(tuned_dir) / name}` first")
     return float(json.loads(path.read_text())["best_lr"])
+
+
+def _tuned_options(tuned_dir: str | None, name: str, lr: float) -> dict[str, float]:
+    """The best value of each option swept in DIR/<name>/sweep-<option>.json, checked to have been swept at the
+    lr the run will use (an option tuned at another lr is not tuned for this run)."""
+    options: dict[str, float] = {}
+    for path in _option_sweeps(tuned_dir, name) if tuned_dir is not None else []:
+        sweep = json.loads(path.read_text())
+        if not math.isclose(sweep["lr"], lr, rel_tol=1e-9):
+            raise UsageError(f"{path}: {sweep['param']} was swept at lr {sweep['lr']:g}, but this run uses lr "
+                             f"{lr:g}; sweep it again with --lr {lr:g} (into the same --out)")
+        options[sweep["param"]] = float(sweep["best"])
+    return options
 
 
 def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
@@ -269,12 +297,18 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError("compare sets optimizer, seed and output.out_dir itself; use --optimizers, --seeds, --out")
     out = Path(args.out or f"runs/compare-{args.preset}")
     runs: dict[str, list[Path]] = {}
+    from .optim.registry import default_lr
+
+    plan = {}  # checked for every optimizer before the first run starts
     for name in args.optimizers:
         lr = _tuned_lr(args.tuned, name)
+        plan[name] = lr, _tuned_options(args.tuned, name, default_lr(name) if lr is None else lr)
+    for name, (lr, options) in plan.items():
         for seed in args.seeds:
             run_dir = out / f"{name}-seed{seed}"
             runs.setdefault(name, []).append(run_dir)
-            _run_once(args, overrides, optimizer=name, seed=seed, run_dir=run_dir, lr=lr, label="compare")
+            _run_once(args, overrides, optimizer=name, seed=seed, run_dir=run_dir, lr=lr, label="compare",
+                      opt_kwargs=options)
     _write_results(out, runs, args.tuned)
     return 0
 
@@ -289,18 +323,24 @@ def _write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[s
 
 
 def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
-    """Markdown: every learning rate each optimizer's sweep tried, its val loss, and the one chosen."""
-    lines = ["", f"Learning rates: chosen by `sage-optim sweep` (best final validation loss; {tuned_dir}):", "",
-             "| optimizer | sweep (steps, seed) | lr: val loss | chosen |", "|---|---|---|---|"]
+    """Markdown: every value each optimizer's sweeps tried (lr, and any other option), its val loss, and the
+    one chosen."""
+    lines = ["", f"Learning rates (and other swept options): chosen by `sage-optim sweep` (best final validation "
+             f"loss; {tuned_dir}):", "",
+             "| optimizer | sweep (steps, seed) | swept | value: val loss | chosen |", "|---|---|---|---|---|"]
     for name in names:
-        path = Path(tuned_dir) / name / "sweep.json"
-        if not path.exists():
-            lines.append(f"| {name} | no sweep | | default |")
-            continue
-        sweep = json.loads(path.read_text())
-        steps = json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"]
-        grid = ", ".join(f"{g['lr']:.3g}: {g['val_loss']:.4f}" for g in sweep["grid"])
-        lines.append(f"| {name} | {steps}, {sweep['seed']} | {grid} | {sweep['best_lr']:.3g} |")
+        paths = [p for p in [Path(tuned_dir) / name / "sweep.json"] if p.exists()] + _option_sweeps(tuned_dir, name)
+        if not paths:
+            lines.append(f"| {name} | no sweep | | | default |")
+        for path in paths:
+            sweep = json.loads(path.read_text())
+            param = sweep.get("param", "lr")
+            steps = json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"]
+            grid = ", ".join(f"{g['value'] if 'value' in g else g['lr']:.3g}: {g['val_loss']:.4f}"
+                             for g in sweep["grid"])
+            label = "lr" if param == "lr" else f"{param} (at lr {sweep['lr']:.3g})"
+            best = sweep["best_lr"] if param == "lr" else sweep["best"]
+            lines.append(f"| {name} | {steps}, {sweep['seed']} | {label} | {grid} | {best:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -321,6 +361,33 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _sweep_values(args: argparse.Namespace, out: Path) -> tuple[list[float], Optional[float]]:
+    """The values to sweep and, for an option other than lr, the fixed lr it is swept at (--lr; else the best
+    lr of an lr sweep in the same --out; else the registry's)."""
+    from .optim.registry import default_lr
+
+    if args.param == "lr":
+        if args.values is not None or args.lr is not None:
+            raise UsageError("--values and --lr are for sweeping another option (--param NAME); give learning "
+                             "rates with --lrs or --factors")
+        values = args.lrs or [default_lr(args.optimizer) * f for f in args.factors]
+        fixed_lr = None
+    else:
+        if args.lrs is not None:
+            raise UsageError(f"--lrs sweeps the lr; with --param {args.param} give --values (and --lr to fix the lr)")
+        if not re.fullmatch(r"[A-Za-z_]\w*", args.param):
+            raise UsageError(f"--param: expected an optimizer option name such as embed_lr, got {args.param!r}")
+        values = args.values or []
+        lr_sweep = out / "sweep.json"
+        fixed_lr = args.lr if args.lr is not None else (
+            float(json.loads(lr_sweep.read_text())["best_lr"]) if lr_sweep.exists() else default_lr(args.optimizer))
+        if not (fixed_lr > 0 and math.isfinite(fixed_lr)):
+            raise UsageError(f"--lr must be a positive number, got {fixed_lr}")
+    if len(values) < 2 or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise UsageError(f"sweep needs at least two positive values of {args.param}, got {values}")
+    return values, fixed_lr
+
+
 def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from .optim.registry import default_lr
 
@@ -328,40 +395,60 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     overrides, _ = _split_overrides(extra, allow_opt=False)
     if "output.out_dir" in overrides or "optim.lr" in overrides or "optimizer" in overrides:
         raise UsageError("sweep sets optimizer, optim.lr and output.out_dir itself; use --optimizer, --lrs, --out")
-    lrs = args.lrs or [default_lr(args.optimizer) * f for f in args.factors]
-    if len(lrs) < 2 or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-        raise UsageError(f"sweep needs at least two positive learning rates, got {lrs}")
+    param = args.param
     out = Path(args.out or f"runs/sweep-{args.preset}/{args.optimizer}")
-    runs: dict[str, dict] = {}
-    for lr in lrs:
-        run_dir = out / f"lr{lr:.3g}"
-        _run_once(args, overrides, optimizer=args.optimizer, seed=args.seed, run_dir=run_dir, lr=lr, label="sweep")
-        runs[run_dir.name] = json.loads((run_dir / "summary.json").read_text())
-    # note: earlier points of the same sweep (same preset, seed, steps) stay in the grid, so a grid can be
-    # extended by sweeping only the new learning rates
-    first = next(iter(runs.values()))
-    for summary_path in sorted(out.glob("lr*/summary.json")):
+    values, fixed_lr = _sweep_values(args, out)
+
+    def value_of(run_dir: Path, summary: dict[str, Any]) -> Optional[float]:
+        if param == "lr":
+            return float(summary["lr"])
+        config = json.loads((run_dir / "config.json").read_text())
+        value = config["optim"]["kwargs"].get(param)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    runs: dict[str, tuple[float, dict[str, Any]]] = {}
+    for value in values:
+        run_dir = out / f"{param}{value:.3g}"
+        _run_once(args, overrides, optimizer=args.optimizer, seed=args.seed, run_dir=run_dir,
+                  lr=value if param == "lr" else fixed_lr, label="sweep",
+                  opt_kwargs=None if param == "lr" else {param: value})
+        runs[run_dir.name] = value, json.loads((run_dir / "summary.json").read_text())
+    # note: earlier points of the same sweep (same preset, seed, steps, and lr for another option) stay in the
+    # grid, so a grid can be extended by sweeping only the new values
+    first = next(iter(runs.values()))[1]
+    keys = ("optimizer", "preset", "seed", "steps", "tokens") + (() if param == "lr" else ("lr",))
+    for summary_path in sorted(out.glob(f"{param}*/summary.json")):
         summary = json.loads(summary_path.read_text())
-        same = all(summary.get(k) == first.get(k) for k in ("optimizer", "preset", "seed", "steps", "tokens"))
-        if summary_path.parent.name not in runs and same:
-            runs[summary_path.parent.name] = summary
-    grid = sorted(({"lr": float(summary["lr"]), "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"],
-                    "run": name} for name, summary in runs.items()), key=lambda g: g["lr"])
+        value = value_of(summary_path.parent, summary)
+        if summary_path.parent.name not in runs and value is not None \
+                and all(summary.get(k) == first.get(k) for k in keys):
+            runs[summary_path.parent.name] = value, summary
+    grid = sorted(({("lr" if param == "lr" else "value"): value, "val_loss": summary["val_loss"],
+                    "val_ppl": summary["val_ppl"], "run": name} for name, (value, summary) in runs.items()),
+                  key=lambda g: g["lr" if param == "lr" else "value"])
+    key = "lr" if param == "lr" else "value"
     finite = [g for g in grid if math.isfinite(g["val_loss"])]
     if not finite:
-        raise UsageError(f"every learning rate of the sweep diverged: {lrs}")
+        raise UsageError(f"every value of the sweep diverged: {param} {values}")
     best = min(finite, key=lambda g: g["val_loss"])
+    flag = "--lrs" if param == "lr" else "--values"
     edge = "" if len(grid) < 2 or best not in (grid[0], grid[-1]) else (
-        f"; the best lr is at the {'low' if best is grid[0] else 'high'} edge of the grid: extend it "
-        f"(sweep more --lrs into the same --out; finished points are kept)")
-    result = {"optimizer": args.optimizer, "preset": args.preset, "seed": args.seed, "grid": grid,
-              "best_lr": best["lr"], "default_lr": default_lr(args.optimizer),
-              "note": "best by final validation loss of one seed" + edge}
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        f"; the best {param} is at the {'low' if best is grid[0] else 'high'} edge of the grid: extend it "
+        f"(sweep more {flag} into the same --out; finished points are kept)")
+    result: dict[str, Any] = {"optimizer": args.optimizer, "preset": args.preset, "seed": args.seed,
+                              "param": param, "grid": grid}
+    if param == "lr":
+        result.update(best_lr=best["lr"], default_lr=default_lr(args.optimizer))
+    else:
+        result.update(best=best["value"], lr=fixed_lr)
+    result["note"] = "best by final validation loss of one seed" + edge
+    path = out / ("sweep.json" if param == "lr" else f"sweep-{param}.json")
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    at = "" if fixed_lr is None else f" (lr {fixed_lr:.3g})"
     for g in grid:
-        print(f"{args.optimizer} lr {g['lr']:.3g}: val loss {g['val_loss']:.4f} ppl {g['val_ppl']:.1f}"
+        print(f"{args.optimizer} {param} {g[key]:.3g}{at}: val loss {g['val_loss']:.4f} ppl {g['val_ppl']:.1f}"
               f"{'   <- best' if g is best else ''}")
-    print(f"sweep: {out / 'sweep.json'}{edge}")
+    print(f"sweep: {path}{edge}")
     return 0
 
 
