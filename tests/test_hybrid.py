@@ -203,3 +203,13 @@ def test_ablation_configurations_change_only_what_they_name() -> None:
     assert adamw["hidden"]["scale"] == base["hidden"]["scale"] == 10.0
     assert {adamw[r]["rule"] for r in ("embedding", "vector")} == {"adamw"}
     assert {adamw[r]["lr"] for r in ("embedding", "vector")} == {1e-4}
+    # embed_lr gives every embedding rule its own lr with the dense part unchanged (SAGE's too)
+    for name in ("sage-hybrid", "hybrid-embed-sage-no-instant", "lion-hybrid", "hybrid-embed-adamw"):
+        plain = {g["role"]: g for g in create_optimizer(name, model).param_groups}
+        tuned = {g["role"]: g for g in create_optimizer(name, model, embed_lr=3e-4).param_groups}
+        for role, group in plain.items():
+            expected = {**group, "lr": 3e-4, "initial_lr": 3e-4} if role != "hidden" else group
+            assert {k: v for k, v in tuned[role].items() if k not in ("params", "initial_lr")} == \
+                {k: v for k, v in expected.items() if k not in ("params", "initial_lr")}, (name, role)
+    with pytest.raises(ValueError, match="sage-hybrid: give embed_lr or rules, not both"):
+        create_optimizer("sage-hybrid", model, embed_lr=1e-3, rules={"vector": "adamw"})

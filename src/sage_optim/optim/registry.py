@@ -12,7 +12,9 @@ Notes on choices the paper leaves open (documented, not silent):
 * ``muon-hybrid`` is torch's ``Muon`` (as rule "muon", ``adjust_lr_fn="match_rms_adamw"``) for hidden
   matrices and AdamW elsewhere, one lr (1e-3, not from the paper, which has no Muon run).
 * ``lion-hybrid`` keeps SAGE-hybrid's dense part (SinkGD uniform, scale 10, lr 2e-3) and gives the
-  Lion groups ``embed_lr`` (default: Lion's paper lr 1e-4).
+  Lion groups ``embed_lr`` (default: Lion's paper lr 1e-4). ``sage-hybrid`` (and its ablation variants)
+  take ``embed_lr`` too (default: none, the SAGE groups share ``lr``, as in the paper), so that ablation (a)
+  can tune every embedding rule's lr with the dense part fixed (``sage-optim sweep --param embed_lr``).
 * ``apollo`` is APOLLO-Mini from the optional ``apollo-torch`` package (1.0.3): rank-1 random projection,
   tensor-wise scaling, scale 128 (its README's APOLLO-Mini value), projection gap 200, for the hidden
   (attention and MLP) matrices; apollo-torch's AdamW for embeddings, head and vectors. lr 1e-4 is the
@@ -66,7 +68,13 @@ def _lion(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> tor
     return Lion(model.named_parameters(), lr=lr, weight_decay=weight_decay, **kw)
 
 
-def _sage_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+def _sage_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: Optional[float] = None,
+                 **kw: Any) -> torch.optim.Optimizer:
+    if embed_lr is not None:  # the SAGE groups at their own lr (ablation (a)'s embed_lr sweep); dense lr unchanged
+        if "rules" in kw:
+            raise ValueError("sage-hybrid: give embed_lr or rules, not both (embed_lr sets the embedding, head "
+                             "and vector rules to SAGE at that lr)")
+        kw["rules"] = {r: ("sage", {"lr": embed_lr}) for r in _NON_DENSE}
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, **kw)
 
 
