@@ -102,7 +102,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the hyperparameter to sweep: lr (default), or an option of the optimizer's factory such "
                    "as embed_lr, swept over --values at a fixed --lr; writes sweep-<NAME>.json")
     p.add_argument("--values", nargs="+", type=float, metavar="V", help="the values of --param (not lr)")
-    p.add_argument("--lr", type=float, help="with --param other than lr: the fixed lr (default: the registry's)")
+    p.add_argument("--lr", type=float, help="with --param other than lr: the fixed lr (default: the best lr of a "
+                   "sweep.json in --out, else the registry's)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="default: runs/sweep-<preset>/<optimizer>")
@@ -285,7 +286,7 @@ def _tuned_options(tuned_dir: str | None, name: str, lr: float) -> dict[str, flo
 
 
 def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
-    from .optim.registry import ABLATIONS
+    from .optim.registry import ABLATIONS, default_lr
 
     if args.ablation is not None and args.optimizers is not None:
         raise UsageError("give --optimizers or --ablation, not both")
@@ -297,8 +298,6 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError("compare sets optimizer, seed and output.out_dir itself; use --optimizers, --seeds, --out")
     out = Path(args.out or f"runs/compare-{args.preset}")
     runs: dict[str, list[Path]] = {}
-    from .optim.registry import default_lr
-
     plan = {}  # checked for every optimizer before the first run starts
     for name in args.optimizers:
         lr = _tuned_lr(args.tuned, name)
