@@ -422,10 +422,9 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         if summary_path.parent.name not in runs and value is not None \
                 and all(summary.get(k) == first.get(k) for k in keys):
             runs[summary_path.parent.name] = value, summary
-    grid = sorted(({("lr" if param == "lr" else "value"): value, "val_loss": summary["val_loss"],
-                    "val_ppl": summary["val_ppl"], "run": name} for name, (value, summary) in runs.items()),
-                  key=lambda g: g["lr" if param == "lr" else "value"])
-    key = "lr" if param == "lr" else "value"
+    key = "lr" if param == "lr" else "value"  # an lr sweep's grid keeps its original field name
+    grid = sorted(({key: value, "val_loss": summary["val_loss"], "val_ppl": summary["val_ppl"], "run": name}
+                   for name, (value, summary) in runs.items()), key=lambda g: g[key])
     finite = [g for g in grid if math.isfinite(g["val_loss"])]
     if not finite:
         raise UsageError(f"every value of the sweep diverged: {param} {values}")
