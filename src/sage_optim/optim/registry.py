@@ -68,13 +68,18 @@ def _lion(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> tor
     return Lion(model.named_parameters(), lr=lr, weight_decay=weight_decay, **kw)
 
 
+def _non_dense_rules(rule: str, embed_lr: float) -> dict[str, tuple[str, dict[str, float]]]:
+    """``rules=`` for SinkSAGE: ``rule`` at ``embed_lr`` for embedding, head and vectors (hidden unchanged)."""
+    return {role: (rule, {"lr": embed_lr}) for role in _NON_DENSE}
+
+
 def _sage_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: Optional[float] = None,
                  **kw: Any) -> torch.optim.Optimizer:
     if embed_lr is not None:  # the SAGE groups at their own lr (ablation (a)'s embed_lr sweep); dense lr unchanged
         if "rules" in kw:
             raise ValueError("sage-hybrid: give embed_lr or rules, not both (embed_lr sets the embedding, head "
                              "and vector rules to SAGE at that lr)")
-        kw["rules"] = {r: ("sage", {"lr": embed_lr}) for r in _NON_DENSE}
+        kw["rules"] = _non_dense_rules("sage", embed_lr)
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, **kw)
 
 
@@ -97,13 +102,13 @@ def _sinkgd_pure(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any)
 
 def _lion_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: float = 1e-4,
                  **kw: Any) -> torch.optim.Optimizer:
-    rules = {r: ("lion", {"lr": embed_lr}) for r in _NON_DENSE}
+    rules = _non_dense_rules("lion", embed_lr)
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
 
 
 def _hybrid_embed_adamw(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: float = 1e-4,
                         **kw: Any) -> torch.optim.Optimizer:
-    rules = {r: ("adamw", {"lr": embed_lr}) for r in _NON_DENSE}
+    rules = _non_dense_rules("adamw", embed_lr)
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
 
 
