@@ -317,6 +317,38 @@ def test_sweep_of_another_option_runs_at_a_fixed_lr_and_compare_applies_its_best
         assert message in one_line_error(capsys), bad
 
 
+def test_sweeps_reports_each_optimizers_best_lr_and_the_lr_range_it_tolerates(tmp_path, capsys):
+    def write_sweep(name: str, losses: dict[float, float], default_lr: float) -> None:
+        grid = []
+        for lr, loss in losses.items():
+            run = tmp_path / name / f"lr{lr:.3g}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({"steps": 300, "lr": lr, "val_loss": loss}))
+            grid.append({"lr": lr, "val_loss": loss, "val_ppl": math.exp(loss), "run": run.name})
+        (tmp_path / name / "sweep.json").write_text(json.dumps(
+            {"optimizer": name, "seed": 42, "param": "lr", "grid": grid, "default_lr": default_lr}))
+
+    # "narrow": a diverged point closes the tolerated range from above; "wide": the range reaches the grid's
+    # low edge, so its width is only a lower bound
+    write_sweep("narrow", {1e-4: 6.0, 3e-4: 5.5, 1e-3: 5.0, 3e-3: 5.05, 1e-2: float("inf")}, 1e-4)
+    write_sweep("wide", {1e-4: 5.05, 3e-4: 5.0, 1e-3: 5.08, 3e-3: 5.2}, 3e-3)
+    assert main(["sweeps", str(tmp_path)]) == 0
+    table = (tmp_path / "sweeps.md").read_text()
+    assert (tmp_path / "lr_sensitivity.png").stat().st_size > 0
+    assert "| narrow | 300, 42 | 0.0001 – 0.01 (5) | 0.001: 5.0000 | 0.0001: 6.0000 (+1.0000) | 0.001 – 0.003 | 3× |" \
+        in table, table
+    assert "| wide | 300, 42 | 0.0001 – 0.003 (4) | 0.0003: 5.0000 | 0.003: 5.2000 (+0.2000) | 0.0001 – 0.001 " \
+        "| ≥ 10× |" in table, table
+    assert main(["sweeps", str(tmp_path), "--within", "0.3"]) == 0  # a looser tolerance widens both ranges
+    table = (tmp_path / "sweeps.md").read_text()
+    assert "| 0.001 – 0.003 | 3× |" in table and "| 0.0001 – 0.003 | ≥ 30× |" in table, table
+    capsys.readouterr()
+    assert main(["sweeps", str(tmp_path), "--within", "0"]) == 2
+    assert "--within must be a positive number of nats" in one_line_error(capsys)
+    assert main(["sweeps", str(tmp_path / "narrow" / "lr0.001")]) == 2
+    assert "no <optimizer>/sweep.json" in one_line_error(capsys)
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_nonfinite_loss_is_logged_and_never_reaches_the_weights(tmp_path, data_args, monkeypatch, capsys, policy):
     """A NaN loss at step 4: "stop" saves the last good state and exits 1; "skip" drops that batch."""

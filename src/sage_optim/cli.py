@@ -117,6 +117,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a compare output directory")
     p.add_argument("--tuned", metavar="DIR", help="also list the learning-rate grids of DIR/<name>/sweep.json")
 
+    p = sub.add_parser("sweeps", help="learning-rate sensitivity of every lr sweep in a directory",
+                       description="Read <DIR>/<optimizer>/sweep.json (written by `sage-optim sweep --out "
+                       "<DIR>/<optimizer>`) and write sweeps.md (best lr, loss at the registry lr, the range of "
+                       "lrs within --within nats of the best) and lr_sensitivity.png without training.")
+    p.add_argument("dir", help="a directory of sweeps, one subdirectory per optimizer")
+    p.add_argument("--within", type=float, default=0.1, metavar="NATS",
+                   help="how far above the best final validation loss an lr may be and still count as tolerated "
+                   "(default: 0.1)")
+
     p = sub.add_parser("memory", help="optimizer-state bytes of every optimizer for a preset's model",
                        description="Build the preset's model on the meta device (no memory) and count the "
                        "state each registry optimizer keeps between steps.")
@@ -334,7 +343,7 @@ def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
         for path in paths:
             sweep = json.loads(path.read_text())
             param = sweep.get("param", "lr")
-            steps = json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"]
+            steps = _sweep_steps(path, sweep)
             grid = ", ".join(f"{g['value'] if 'value' in g else g['lr']:.3g}: {g['val_loss']:.4f}"
                              for g in sweep["grid"])
             label = "lr" if param == "lr" else f"{param} (at lr {sweep['lr']:.3g})"
@@ -358,6 +367,98 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
     _write_results(out, runs, args.tuned)
     return 0
+
+
+def _cmd_sweeps(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+    if not (args.within > 0 and math.isfinite(args.within)):
+        raise UsageError(f"--within must be a positive number of nats, got {args.within}")
+    root = Path(args.dir)
+    sweeps = {path.parent.name: json.loads(path.read_text()) for path in sorted(root.glob("*/sweep.json"))}
+    if not sweeps:
+        raise UsageError(f"{root}: no <optimizer>/sweep.json to read; run `sage-optim sweep --optimizer NAME "
+                         f"--out {root / 'NAME'}` first")
+    table = _lr_sensitivity_table(root, sweeps, args.within)
+    (root / "sweeps.md").write_text(table, encoding="utf-8")
+    plot = _plot_lr_sensitivity(sweeps, root / "lr_sensitivity.png")
+    print(table, end="")
+    print(f"\nresults: {root / 'sweeps.md'}\nplot: {plot}")
+    return 0
+
+
+def lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int]:
+    """Indices (low, high) of the contiguous stretch of an lr-sorted sweep grid around its best point whose
+    final validation loss is within ``within`` nats of the best; a diverged point ends the stretch."""
+    finite = [i for i, g in enumerate(grid) if math.isfinite(g["val_loss"])]
+    if not finite:
+        raise ValueError("every point of the sweep diverged")
+    best = min(finite, key=lambda i: grid[i]["val_loss"])
+    limit = grid[best]["val_loss"] + within
+
+    def tolerated(i: int) -> bool:
+        return 0 <= i < len(grid) and math.isfinite(grid[i]["val_loss"]) and grid[i]["val_loss"] <= limit
+
+    low, high = best, best
+    while tolerated(low - 1):
+        low -= 1
+    while tolerated(high + 1):
+        high += 1
+    return low, high
+
+
+def _sweep_steps(path: Path, sweep: dict[str, Any]) -> int:
+    return int(json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"])
+
+
+def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within: float) -> str:
+    """Markdown: per optimizer, the best lr, the loss at the registry (paper) lr, and how wide a range of lrs
+    stays within ``within`` nats of the best (a range that reaches the grid's edge is a lower bound)."""
+    lines = [f"Learning-rate sensitivity ({root}; final validation loss of one seed per lr):", "",
+             f"| optimizer | steps, seed | lrs tried | best lr: val loss | registry lr: val loss | "
+             f"lrs within {within:g} nats of best | width |", "|---|---|---|---|---|---|---|"]
+    for name, sweep in sweeps.items():
+        grid = sweep["grid"]
+        low, high = lr_basin(grid, within)
+        best = min((g for g in grid if math.isfinite(g["val_loss"])), key=lambda g: g["val_loss"])
+        default = sweep.get("default_lr")
+        at_default = next((g for g in grid if default is not None and math.isclose(g["lr"], default, rel_tol=1e-6)),
+                          None)
+        paper = ("not in grid" if at_default is None else
+                 f"{default:.3g}: {at_default['val_loss']:.4f} (+{at_default['val_loss'] - best['val_loss']:.4f})")
+        open_end = low == 0 or high == len(grid) - 1  # the tolerated range may go on past the grid
+        width = grid[high]["lr"] / grid[low]["lr"]
+        edge = " (edge)" if best is grid[0] or best is grid[-1] else ""
+        lines.append(f"| {name} | {_sweep_steps(root / name / 'sweep.json', sweep)}, {sweep['seed']} "
+                     f"| {grid[0]['lr']:.3g} – {grid[-1]['lr']:.3g} ({len(grid)}) "
+                     f"| {best['lr']:.3g}: {best['val_loss']:.4f}{edge} | {paper} "
+                     f"| {grid[low]['lr']:.3g} – {grid[high]['lr']:.3g} | {'≥ ' if open_end else ''}{width:.3g}× |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_lr_sensitivity(sweeps: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Final validation loss against lr, one line per optimizer; the chosen lr ringed, diverged points left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, sweep in sweeps.items():
+        grid = [g for g in sweep["grid"] if math.isfinite(g["val_loss"])]
+        line, = ax.plot([g["lr"] for g in grid], [g["val_loss"] for g in grid], marker="o", label=name)
+        best = min(grid, key=lambda g: g["val_loss"])
+        ax.plot([best["lr"]], [best["val_loss"]], marker="o", markersize=12, fillstyle="none",
+                color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate (log scale)")
+    ax.set_ylabel("final validation loss (one seed; ring: best)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _sweep_values(args: argparse.Namespace, out: Path) -> tuple[list[float], Optional[float]]:
@@ -661,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's own usage error (already printed)
         return int(exc.code or 0)
     commands = {"train": _cmd_train, "compare": _cmd_compare, "sweep": _cmd_sweep, "plot": _cmd_plot,
-                "memory": _cmd_memory, "data": _cmd_data}
+                "sweeps": _cmd_sweeps, "memory": _cmd_memory, "data": _cmd_data}
     try:
         return commands[args.command](args, extra)
     except (UsageError, ConfigError) as exc:
