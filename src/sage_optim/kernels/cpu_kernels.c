@@ -156,9 +156,12 @@ static void sum_thread_partials(const double *partial, double *out, int threads,
         if (threads < 1) threads = 1;                                                                         \
         const size_t slots = 2 * (size_t)threads * (size_t)cols; /* two streams per thread */                 \
         double *partial = calloc(slots, sizeof(double));                                                      \
-        BLOCK_T *blocks = calloc(slots, sizeof(BLOCK_T));                                                     \
-        double *wide_blocks = calloc(slots, sizeof(double));                                                  \
-        if (!partial || !blocks || !wide_blocks) { free(partial); free(blocks); free(wide_blocks); return 1; }\
+        /* one pass uses one kind of block sums: float32 (BLOCK_T), or float64 when redone wide */            \
+        BLOCK_T *blocks = wide ? NULL : calloc(slots, sizeof(BLOCK_T));                                       \
+        double *wide_blocks = wide ? calloc(slots, sizeof(double)) : NULL;                                    \
+        if (!partial || (wide ? !wide_blocks : !blocks)) {                                                    \
+            free(partial); free(blocks); free(wide_blocks); return 1;                                         \
+        }                                                                                                     \
         _Pragma("omp parallel num_threads(threads)")                                                          \
         {                                                                                                     \
             THREAD_ROWS(t, first, last, rows);                                                                \
@@ -178,9 +181,8 @@ static void sum_thread_partials(const double *partial, double *out, int threads,
                     }                                                                                         \
                 }                                                                                             \
                 for (int64_t j = (2 * (int64_t)t) * cols; j < (2 * (int64_t)t + 2) * cols; ++j) {            \
-                    partial[j] += wide ? wide_blocks[j] : (double)blocks[j];                                  \
-                    blocks[j] = 0;                                                                            \
-                    wide_blocks[j] = 0;                                                                       \
+                    if (wide) { partial[j] += wide_blocks[j]; wide_blocks[j] = 0; }                           \
+                    else { partial[j] += (double)blocks[j]; blocks[j] = 0; }                                  \
                 }                                                                                             \
             }                                                                                                 \
         }                                                                                                     \
