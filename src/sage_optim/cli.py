@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 __all__ = ["main", "state_bytes_table"]
 
@@ -436,28 +437,40 @@ def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within:
     return "\n".join(lines) + "\n"
 
 
-def _plot_lr_sensitivity(sweeps: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Final validation loss against lr, one line per optimizer; the chosen lr ringed, diverged points left out."""
+@contextlib.contextmanager
+def _figure(path: Path, *, xlabel: str, ylabel: str, log_x: bool = False, legend: bool = True) -> Iterator[Any]:
+    """A headless matplotlib axes, labelled and saved to ``path`` (120 dpi) when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, sweep in sweeps.items():
-        grid = [g for g in sweep["grid"] if math.isfinite(g["val_loss"])]
-        line, = ax.plot([g["lr"] for g in grid], [g["val_loss"] for g in grid], marker="o", label=name)
-        best = min(grid, key=lambda g: g["val_loss"])
-        ax.plot([best["lr"]], [best["val_loss"]], marker="o", markersize=12, fillstyle="none",
-                color=line.get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate (log scale)")
-    ax.set_ylabel("final validation loss (one seed; ring: best)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        yield ax
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def _plot_lr_sensitivity(sweeps: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Final validation loss against lr, one line per optimizer; the chosen lr ringed, diverged points left out."""
+    with _figure(path, xlabel="peak learning rate (log scale)", ylabel="final validation loss (one seed; ring: best)",
+                 log_x=True) as ax:
+        for name, sweep in sweeps.items():
+            grid = [g for g in sweep["grid"] if math.isfinite(g["val_loss"])]
+            line, = ax.plot([g["lr"] for g in grid], [g["val_loss"] for g in grid], marker="o", label=name)
+            best = min(grid, key=lambda g: g["val_loss"])
+            ax.plot([best["lr"]], [best["val_loss"]], marker="o", markersize=12, fillstyle="none",
+                    color=line.get_color())
     return path
 
 
@@ -577,58 +590,35 @@ def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def _plot_val_loss(runs: dict[str, list[Path]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .train.metrics import read_metrics
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, dirs in runs.items():
-        by_step: dict[int, list[float]] = {}
-        for d in dirs:
-            for row in read_metrics(d / "metrics.jsonl"):
-                if "val_loss" in row:
-                    by_step.setdefault(row["step"], []).append(row["val_loss"])
-        steps = sorted(by_step)
-        line, = ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=name)
-        if len(dirs) > 1:  # the band spans the seeds' lowest and highest loss at each evaluation
-            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (mean over seeds; band: min-max)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with _figure(path, xlabel="step", ylabel="validation loss (mean over seeds; band: min-max)") as ax:
+        for name, dirs in runs.items():
+            by_step: dict[int, list[float]] = {}
+            for d in dirs:
+                for row in read_metrics(d / "metrics.jsonl"):
+                    if "val_loss" in row:
+                        by_step.setdefault(row["step"], []).append(row["val_loss"])
+            steps = sorted(by_step)
+            line, = ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=name)
+            if len(dirs) > 1:  # the band spans the seeds' lowest and highest loss at each evaluation
+                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
     return path
 
 
 def _plot_ppl_vs_state(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Final validation perplexity (mean, error bar: sample std over seeds) against optimizer-state bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in summaries.items():
-        if rows[0].get("state_bytes") is None:
-            continue
-        ppl = [r["val_ppl"] for r in rows]
-        spread = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
-        ax.errorbar(rows[0]["state_bytes"], statistics.fmean(ppl), yerr=spread, fmt="o", capsize=3, label=name)
-        ax.annotate(name, (rows[0]["state_bytes"], statistics.fmean(ppl)), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("optimizer state (bytes, log scale)")
-    ax.set_ylabel("final validation perplexity")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with _figure(path, xlabel="optimizer state (bytes, log scale)", ylabel="final validation perplexity",
+                 log_x=True, legend=False) as ax:
+        for name, rows in summaries.items():
+            if rows[0].get("state_bytes") is None:
+                continue
+            ppl = [r["val_ppl"] for r in rows]
+            spread = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+            ax.errorbar(rows[0]["state_bytes"], statistics.fmean(ppl), yerr=spread, fmt="o", capsize=3, label=name)
+            ax.annotate(name, (rows[0]["state_bytes"], statistics.fmean(ppl)), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
     return path
 
 
