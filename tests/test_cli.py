@@ -317,6 +317,37 @@ def test_sweep_of_another_option_runs_at_a_fixed_lr_and_compare_applies_its_best
         assert message in one_line_error(capsys), bad
 
 
+def test_an_lr_sweep_can_hold_an_option_fixed_and_compare_applies_both(tmp_path, data_args, capsys):
+    # the SinkGD hybrid's dense lr swept with its AdamW part's lr (embed_lr) held at one value
+    sweeps = tmp_path / "sweeps"
+    out = sweeps / "sinkgd-hybrid"
+    common = ["--preset", "cpu-tiny", "--optimizer", "sinkgd-hybrid", "--steps", "4", *data_args]
+    assert main(["sweep", *common, "--lrs", "1e-5", "1e-4", "--out", str(out), "--opt.embed_lr=1e-3"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["options"] == {"embed_lr": 1e-3} and [g["lr"] for g in result["grid"]] == [1e-5, 1e-4]
+    for g in result["grid"]:
+        config = json.loads((out / g["run"] / "config.json").read_text())
+        assert config["optim"]["kwargs"] == {"embed_lr": 1e-3} and config["optim"]["lr"] == g["lr"]
+    cmp = tmp_path / "cmp"
+    assert main(["compare", *common, "--optimizers", "sinkgd-hybrid", "--out", str(cmp), "--tuned", str(sweeps)]) == 0
+    config = json.loads((cmp / "sinkgd-hybrid-seed42" / "config.json").read_text())
+    assert config["optim"]["kwargs"] == {"embed_lr": 1e-3} and config["optim"]["lr"] == result["best_lr"]
+    assert "| lr (embed_lr=0.001 fixed) |" in (cmp / "results.md").read_text()
+    capsys.readouterr()
+    # a finished point is reused only for the same run: another fixed value into the same --out is refused
+    assert main(["sweep", *common, "--lrs", "1e-5", "1e-4", "--out", str(out), "--opt.embed_lr=3e-3"]) == 2
+    assert "holds another run (options {'embed_lr': 0.001} there, {'embed_lr': 0.003} now)" in one_line_error(capsys)
+    # and compare does not silently keep a run made at another lr (the sweep picked a new one since)
+    (out / "sweep.json").write_text(json.dumps({**result, "best_lr": 3e-5}))
+    assert main(["compare", *common, "--optimizers", "sinkgd-hybrid", "--out", str(cmp), "--tuned", str(sweeps)]) == 2
+    assert f"holds another run (lr {result['best_lr']} there, 3e-05 now)" in one_line_error(capsys)
+    for bad, message in [(["--lrs", "1e-5", "1e-4", "--opt.lr=1e-3"], "--opt.lr would fix what the sweep sets"),
+                         (["--param", "embed_lr", "--values", "1e-3", "2e-3", "--opt.embed_lr=1e-3"],
+                          "--opt.embed_lr would fix what the sweep sets")]:
+        assert main(["sweep", *common, "--out", str(tmp_path / "bad"), *bad]) == 2, bad
+        assert message in one_line_error(capsys), bad
+
+
 def test_sweeps_reports_each_optimizers_best_lr_and_the_lr_range_it_tolerates(tmp_path, capsys):
     def write_sweep(name: str, losses: dict[float, float], default_lr: float) -> None:
         grid = []

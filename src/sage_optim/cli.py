@@ -102,7 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", default="lr", metavar="NAME",
                    help="the hyperparameter to sweep: lr (default), or an option of the optimizer's factory such "
                    "as embed_lr, swept over --values at a fixed --lr; writes sweep-<NAME>.json")
-    p.add_argument("--values", nargs="+", type=float, metavar="V", help="the values of --param (not lr)")
+    p.add_argument("--values", nargs="+", type=float, metavar="V", help="the values of --param (not lr); "
+                   "other optimizer options can be held fixed with --opt.KEY=VALUE (recorded in the sweep's json "
+                   "and applied by compare --tuned)")
     p.add_argument("--lr", type=float, help="with --param other than lr: the fixed lr (default: the best lr of a "
                    "sweep.json in --out, else the registry's)")
     p.add_argument("--seed", type=int, default=42)
@@ -170,7 +172,7 @@ def _split_overrides(extra: Sequence[str], *, allow_opt: bool) -> tuple[dict[str
             value = items.pop(0)
         if key.startswith("opt."):
             if not allow_opt:
-                raise UsageError(f"{token}: optimizer options (--opt.*) are only for `train`")
+                raise UsageError(f"{token}: optimizer options (--opt.*) are only for `train` and `sweep`")
             opt_kwargs[key[len("opt."):]] = _literal(value)
         else:
             config[key] = value
@@ -242,21 +244,41 @@ def _check_registry(names: Sequence[str]) -> None:
         raise UsageError(f"not in the optimizer registry: {', '.join(missing)} (available: {', '.join(known)})")
 
 
+def _check_same_run(run_dir: Path, cfg: Any) -> None:
+    """A run directory is skipped or resumed only if it holds this run: same optimizer, seed, lr, optimizer
+    options and steps (a stale lr after a new sweep would otherwise be reused silently)."""
+    from .optim.registry import default_lr
+
+    old = json.loads((run_dir / "config.json").read_text())
+    lr = default_lr(cfg.optimizer) if cfg.optim.lr is None else cfg.optim.lr  # as train() resolves it
+    new = {"optimizer": cfg.optimizer, "seed": cfg.seed, "lr": lr,
+           "options": json.loads(json.dumps(cfg.optim.kwargs)), "steps": cfg.train.steps}
+    had = {"optimizer": old.get("optimizer"), "seed": old.get("seed"), "lr": old.get("optim", {}).get("lr"),
+           "options": old.get("optim", {}).get("kwargs", {}), "steps": old.get("train", {}).get("steps")}
+    differ = [k for k in new if not (new[k] == had[k] or (k == "lr" and isinstance(had[k], (int, float))
+                                                          and math.isclose(new[k], had[k], rel_tol=1e-9)))]
+    if differ:
+        raise UsageError(f"{run_dir} holds another run ({', '.join(f'{k} {had[k]} there, {new[k]} now' for k in differ)}); "
+                         f"use another --out, or remove that directory to run it again")
+
+
 def _run_once(args: argparse.Namespace, overrides: dict[str, str], *, optimizer: str, seed: int, run_dir: Path,
               lr: float | None, label: str, opt_kwargs: Optional[dict[str, Any]] = None) -> None:
     """Train one run into ``run_dir`` unless it is complete; resume it when it has a checkpoint."""
     from .train.checkpoint import latest_checkpoint
     from .train.loop import train
 
-    if (run_dir / "summary.json").exists():
-        print(f"{label}: {run_dir} is complete, skipping", file=sys.stderr)
-        return
     cfg = _build_config(args, overrides, dict(opt_kwargs or {}), optimizer=optimizer)
     cfg.seed = seed
     cfg.output.out_dir = str(run_dir)
     cfg.train.stop_at_step = None
     if lr is not None:
         cfg.optim.lr = lr
+    if (run_dir / "config.json").exists():
+        _check_same_run(run_dir, cfg)
+    if (run_dir / "summary.json").exists():
+        print(f"{label}: {run_dir} is complete, skipping", file=sys.stderr)
+        return
     resume = latest_checkpoint(run_dir) is not None
     options = "".join(f" {k} {v:g}" if isinstance(v, float) else f" {k} {v}" for k, v in (opt_kwargs or {}).items())
     print(f"{label}: {'resuming' if resume else 'training'} {optimizer} seed {seed}"
@@ -282,10 +304,14 @@ def _tuned_lr(tuned_dir: str | None, name: str) -> float | None:
     return float(json.loads(path.read_text())["best_lr"])
 
 
-def _tuned_options(tuned_dir: str | None, name: str, lr: float) -> dict[str, float]:
-    """The best value of each option swept in DIR/<name>/sweep-<option>.json, checked to have been swept at the
-    lr the run will use (an option tuned at another lr is not tuned for this run)."""
-    options: dict[str, float] = {}
+def _tuned_options(tuned_dir: str | None, name: str, lr: float) -> dict[str, Any]:
+    """The options DIR/<name>/sweep.json held fixed (``sweep --opt.KEY=VALUE``), then the best value of each
+    option swept in DIR/<name>/sweep-<option>.json, checked to have been swept at the lr the run will use (an
+    option tuned at another lr is not tuned for this run)."""
+    lr_sweep = Path(tuned_dir) / name / "sweep.json" if tuned_dir is not None else None
+    # the options the lr sweep held fixed come with its lr; an option's own sweep overrides its fixed value
+    options: dict[str, Any] = dict(json.loads(lr_sweep.read_text()).get("options", {})) \
+        if lr_sweep is not None and lr_sweep.exists() else {}
     for path in _option_sweeps(tuned_dir, name) if tuned_dir is not None else []:
         sweep = json.loads(path.read_text())
         if not math.isclose(sweep["lr"], lr, rel_tol=1e-9):
@@ -347,7 +373,8 @@ def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
             steps = _sweep_steps(path, sweep)
             grid = ", ".join(f"{g['value'] if 'value' in g else g['lr']:.3g}: {g['val_loss']:.4f}"
                              for g in sweep["grid"])
-            label = "lr" if param == "lr" else f"{param} (at lr {sweep['lr']:.3g})"
+            label = ("lr" if param == "lr" else f"{param} (at lr {sweep['lr']:.3g})") \
+                + _fixed_options_text(sweep.get("options", {}))
             best = sweep["best_lr"] if param == "lr" else sweep["best"]
             lines.append(f"| {name} | {steps}, {sweep['seed']} | {label} | {grid} | {best:.3g} |")
     return "\n".join(lines) + "\n"
@@ -408,6 +435,14 @@ def lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int]:
     return low, high
 
 
+def _fixed_options_text(options: dict[str, Any]) -> str:
+    """' (embed_lr=0.001 fixed)' for the options a sweep held fixed; '' when none."""
+    if not options:
+        return ""
+    return " (" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()) \
+        + " fixed)"
+
+
 def _sweep_steps(path: Path, sweep: dict[str, Any]) -> int:
     return int(json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"])
 
@@ -430,7 +465,8 @@ def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within:
         open_end = low == 0 or high == len(grid) - 1  # the tolerated range may go on past the grid
         width = grid[high]["lr"] / grid[low]["lr"]
         edge = " (edge)" if best is grid[0] or best is grid[-1] else ""
-        lines.append(f"| {name} | {_sweep_steps(root / name / 'sweep.json', sweep)}, {sweep['seed']} "
+        lines.append(f"| {name}{_fixed_options_text(sweep.get('options', {}))} "
+                     f"| {_sweep_steps(root / name / 'sweep.json', sweep)}, {sweep['seed']} "
                      f"| {grid[0]['lr']:.3g} – {grid[-1]['lr']:.3g} ({len(grid)}) "
                      f"| {best['lr']:.3g}: {best['val_loss']:.4f}{edge} | {paper} "
                      f"| {grid[low]['lr']:.3g} – {grid[high]['lr']:.3g} | {'≥ ' if open_end else ''}{width:.3g}× |")
@@ -467,7 +503,8 @@ def _plot_lr_sensitivity(sweeps: dict[str, dict[str, Any]], path: Path) -> Path:
                  log_x=True) as ax:
         for name, sweep in sweeps.items():
             grid = [g for g in sweep["grid"] if math.isfinite(g["val_loss"])]
-            line, = ax.plot([g["lr"] for g in grid], [g["val_loss"] for g in grid], marker="o", label=name)
+            line, = ax.plot([g["lr"] for g in grid], [g["val_loss"] for g in grid], marker="o",
+                            label=name + _fixed_options_text(sweep.get("options", {})))
             best = min(grid, key=lambda g: g["val_loss"])
             ax.plot([best["lr"]], [best["val_loss"]], marker="o", markersize=12, fillstyle="none",
                     color=line.get_color())
@@ -505,26 +542,30 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from .optim.registry import default_lr
 
     _check_registry([args.optimizer])
-    overrides, _ = _split_overrides(extra, allow_opt=False)
+    overrides, fixed = _split_overrides(extra, allow_opt=True)
     if "output.out_dir" in overrides or "optim.lr" in overrides or "optimizer" in overrides:
         raise UsageError("sweep sets optimizer, optim.lr and output.out_dir itself; use --optimizer, --lrs, --out")
     param = args.param
+    if param in fixed or "lr" in fixed:
+        raise UsageError(f"--opt.{param if param in fixed else 'lr'} would fix what the sweep sets; give the "
+                         f"{'learning rates with --lrs' if param == 'lr' else f'values of {param} with --values'}"
+                         f"{' (and the fixed lr with --lr)' if param != 'lr' else ''}")
+    fixed = json.loads(json.dumps(fixed))  # as config.json stores them (tuples become lists)
     out = Path(args.out or f"runs/sweep-{args.preset}/{args.optimizer}")
     values, fixed_lr = _sweep_values(args, out)
 
     def value_of(run_dir: Path, summary: dict[str, Any]) -> Optional[float]:
-        if param == "lr":
-            return float(summary["lr"])
-        config = json.loads((run_dir / "config.json").read_text())
-        value = config["optim"]["kwargs"].get(param)
-        return float(value) if isinstance(value, (int, float)) else None
+        """The swept value of an earlier run, or None if it is not a point of this sweep (other fixed options)."""
+        kwargs = dict(json.loads((run_dir / "config.json").read_text())["optim"]["kwargs"])
+        value = summary["lr"] if param == "lr" else kwargs.pop(param, None)
+        return float(value) if isinstance(value, (int, float)) and kwargs == fixed else None
 
     runs: dict[str, tuple[float, dict[str, Any]]] = {}
     for value in values:
         run_dir = out / f"{param}{value:.3g}"
         _run_once(args, overrides, optimizer=args.optimizer, seed=args.seed, run_dir=run_dir,
                   lr=value if param == "lr" else fixed_lr, label="sweep",
-                  opt_kwargs=None if param == "lr" else {param: value})
+                  opt_kwargs={**fixed, **({} if param == "lr" else {param: value})})
         runs[run_dir.name] = value, json.loads((run_dir / "summary.json").read_text())
     # note: earlier points of the same sweep (same preset, seed, steps, and lr for another option) stay in the
     # grid, so a grid can be extended by sweeping only the new values
@@ -548,7 +589,7 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         f"; the best {param} is at the {'low' if best is grid[0] else 'high'} edge of the grid: extend it "
         f"(sweep more {flag} into the same --out; finished points are kept)")
     result: dict[str, Any] = {"optimizer": args.optimizer, "preset": args.preset, "seed": args.seed,
-                              "param": param, "grid": grid}
+                              "param": param, "options": fixed, "grid": grid}
     if param == "lr":
         result.update(best_lr=best["lr"], default_lr=default_lr(args.optimizer))
     else:
@@ -557,6 +598,7 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     path = out / ("sweep.json" if param == "lr" else f"sweep-{param}.json")
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     at = "" if fixed_lr is None else f" (lr {fixed_lr:.3g})"
+    at += _fixed_options_text(fixed)
     for g in grid:
         print(f"{args.optimizer} {param} {g[key]:.3g}{at}: val loss {g['val_loss']:.4f} ppl {g['val_ppl']:.1f}"
               f"{'   <- best' if g is best else ''}")
