@@ -258,8 +258,9 @@ def _check_same_run(run_dir: Path, cfg: Any) -> None:
     differ = [k for k in new if not (new[k] == had[k] or (k == "lr" and isinstance(had[k], (int, float))
                                                           and math.isclose(new[k], had[k], rel_tol=1e-9)))]
     if differ:
-        raise UsageError(f"{run_dir} holds another run ({', '.join(f'{k} {had[k]} there, {new[k]} now' for k in differ)}); "
-                         f"use another --out, or remove that directory to run it again")
+        what = ", ".join(f"{k} {had[k]} there, {new[k]} now" for k in differ)
+        raise UsageError(f"{run_dir} holds another run ({what}); use another --out, or remove that directory to "
+                         f"run it again")
 
 
 def _run_once(args: argparse.Namespace, overrides: dict[str, str], *, optimizer: str, seed: int, run_dir: Path,
@@ -415,7 +416,7 @@ def _cmd_sweeps(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int]:
+def _lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int]:
     """Indices (low, high) of the contiguous stretch of an lr-sorted sweep grid around its best point whose
     final validation loss is within ``within`` nats of the best; a diverged point ends the stretch."""
     finite = [i for i, g in enumerate(grid) if math.isfinite(g["val_loss"])]
@@ -455,7 +456,7 @@ def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within:
              f"lrs within {within:g} nats of best | width |", "|---|---|---|---|---|---|---|"]
     for name, sweep in sweeps.items():
         grid = sweep["grid"]
-        low, high = lr_basin(grid, within)
+        low, high = _lr_basin(grid, within)
         best = min((g for g in grid if math.isfinite(g["val_loss"])), key=lambda g: g["val_loss"])
         default = sweep.get("default_lr")
         at_default = next((g for g in grid if default is not None and math.isclose(g["lr"], default, rel_tol=1e-6)),
