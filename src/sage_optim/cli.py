@@ -93,7 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="learning-rate grid for one optimizer; picks the best by validation loss",
                        description="Train one optimizer at log-spaced learning rates around its registry default "
                        "(runs with a summary.json are skipped), then write sweep.json with every lr's final "
-                       "validation loss and the best lr. " + overrides_help)
+                       "validation loss and the best lr. " + overrides_help + " Optimizer options held fixed in "
+                       "every run: --opt.KEY=VALUE (recorded in the sweep's json and applied by compare --tuned).")
     p.add_argument("--preset", choices=preset_names(), default="cpu-demo")
     p.add_argument("--optimizer", required=True, help="a registry name")
     p.add_argument("--factors", nargs="+", type=float, default=list(SWEEP_DEFAULT_FACTORS), metavar="F",
@@ -102,9 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", default="lr", metavar="NAME",
                    help="the hyperparameter to sweep: lr (default), or an option of the optimizer's factory such "
                    "as embed_lr, swept over --values at a fixed --lr; writes sweep-<NAME>.json")
-    p.add_argument("--values", nargs="+", type=float, metavar="V", help="the values of --param (not lr); "
-                   "other optimizer options can be held fixed with --opt.KEY=VALUE (recorded in the sweep's json "
-                   "and applied by compare --tuned)")
+    p.add_argument("--values", nargs="+", type=float, metavar="V", help="the values of --param (not lr)")
     p.add_argument("--lr", type=float, help="with --param other than lr: the fixed lr (default: the best lr of a "
                    "sweep.json in --out, else the registry's)")
     p.add_argument("--seed", type=int, default=42)
@@ -292,38 +291,39 @@ def _option_sweeps(tuned_dir: str, name: str) -> list[Path]:
     return sorted((Path(tuned_dir) / name).glob("sweep-*.json"))
 
 
-def _tuned_lr(tuned_dir: str | None, name: str) -> float | None:
-    """The best lr of DIR/<name>/sweep.json; None (the registry's lr) when only other options were swept."""
+def _tuned_settings(tuned_dir: str | None, name: str) -> tuple[float | None, dict[str, Any]]:
+    """The lr and optimizer options of ``compare --tuned DIR`` for optimizer ``name``.
+
+    The lr is the best of DIR/<name>/sweep.json (None, the registry's lr, when only other options were swept),
+    and comes with the options that sweep held fixed (``sweep --opt.KEY=VALUE``). Each option swept in
+    DIR/<name>/sweep-<option>.json then gets its best value (over a fixed one), checked to have been swept at
+    the lr the run will use (an option tuned at another lr is not tuned for this run)."""
+    from .optim.registry import default_lr
+
     if tuned_dir is None:
-        return None
+        return None, {}
     path = Path(tuned_dir) / name / "sweep.json"
-    if not path.exists():
-        if _option_sweeps(tuned_dir, name):
-            return None
+    option_sweeps = _option_sweeps(tuned_dir, name)
+    lr: float | None = None
+    options: dict[str, Any] = {}
+    if path.exists():
+        sweep = json.loads(path.read_text())
+        lr, options = float(sweep["best_lr"]), dict(sweep.get("options", {}))
+    elif not option_sweeps:
         raise UsageError(f"--tuned {tuned_dir}: no {path}; run `sage-optim sweep --optimizer {name} "
                          f"--out {Path(tuned_dir) / name}` first")
-    return float(json.loads(path.read_text())["best_lr"])
-
-
-def _tuned_options(tuned_dir: str | None, name: str, lr: float) -> dict[str, Any]:
-    """The options DIR/<name>/sweep.json held fixed (``sweep --opt.KEY=VALUE``), then the best value of each
-    option swept in DIR/<name>/sweep-<option>.json, checked to have been swept at the lr the run will use (an
-    option tuned at another lr is not tuned for this run)."""
-    lr_sweep = Path(tuned_dir) / name / "sweep.json" if tuned_dir is not None else None
-    # the options the lr sweep held fixed come with its lr; an option's own sweep overrides its fixed value
-    options: dict[str, Any] = dict(json.loads(lr_sweep.read_text()).get("options", {})) \
-        if lr_sweep is not None and lr_sweep.exists() else {}
-    for path in _option_sweeps(tuned_dir, name) if tuned_dir is not None else []:
-        sweep = json.loads(path.read_text())
-        if not math.isclose(sweep["lr"], lr, rel_tol=1e-9):
-            raise UsageError(f"{path}: {sweep['param']} was swept at lr {sweep['lr']:g}, but this run uses lr "
-                             f"{lr:g}; sweep it again with --lr {lr:g} (into the same --out)")
+    run_lr = default_lr(name) if lr is None else lr
+    for option_path in option_sweeps:
+        sweep = json.loads(option_path.read_text())
+        if not math.isclose(sweep["lr"], run_lr, rel_tol=1e-9):
+            raise UsageError(f"{option_path}: {sweep['param']} was swept at lr {sweep['lr']:g}, but this run uses "
+                             f"lr {run_lr:g}; sweep it again with --lr {run_lr:g} (into the same --out)")
         options[sweep["param"]] = float(sweep["best"])
-    return options
+    return lr, options
 
 
 def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
-    from .optim.registry import ABLATIONS, default_lr
+    from .optim.registry import ABLATIONS
 
     if args.ablation is not None and args.optimizers is not None:
         raise UsageError("give --optimizers or --ablation, not both")
@@ -337,8 +337,7 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     runs: dict[str, list[Path]] = {}
     plan = {}  # checked for every optimizer before the first run starts
     for name in args.optimizers:
-        lr = _tuned_lr(args.tuned, name)
-        plan[name] = lr, _tuned_options(args.tuned, name, default_lr(name) if lr is None else lr)
+        plan[name] = _tuned_settings(args.tuned, name)
     for name, (lr, options) in plan.items():
         for seed in args.seeds:
             run_dir = out / f"{name}-seed{seed}"
@@ -416,9 +415,9 @@ def _cmd_sweeps(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int]:
-    """Indices (low, high) of the contiguous stretch of an lr-sorted sweep grid around its best point whose
-    final validation loss is within ``within`` nats of the best; a diverged point ends the stretch."""
+def _lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int, int]:
+    """Indices (low, best, high) of an lr-sorted sweep grid: its best point and the contiguous stretch around
+    it whose final validation loss is within ``within`` nats of the best; a diverged point ends the stretch."""
     finite = [i for i, g in enumerate(grid) if math.isfinite(g["val_loss"])]
     if not finite:
         raise ValueError("every point of the sweep diverged")
@@ -433,7 +432,7 @@ def _lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int]:
         low -= 1
     while tolerated(high + 1):
         high += 1
-    return low, high
+    return low, best, high
 
 
 def _fixed_options_text(options: dict[str, Any]) -> str:
@@ -456,8 +455,8 @@ def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within:
              f"lrs within {within:g} nats of best | width |", "|---|---|---|---|---|---|---|"]
     for name, sweep in sweeps.items():
         grid = sweep["grid"]
-        low, high = _lr_basin(grid, within)
-        best = min((g for g in grid if math.isfinite(g["val_loss"])), key=lambda g: g["val_loss"])
+        low, best_index, high = _lr_basin(grid, within)
+        best = grid[best_index]
         default = sweep.get("default_lr")
         at_default = next((g for g in grid if default is not None and math.isclose(g["lr"], default, rel_tol=1e-6)),
                           None)
@@ -465,7 +464,7 @@ def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within:
                  f"{default:.3g}: {at_default['val_loss']:.4f} (+{at_default['val_loss'] - best['val_loss']:.4f})")
         open_end = low == 0 or high == len(grid) - 1  # the tolerated range may go on past the grid
         width = grid[high]["lr"] / grid[low]["lr"]
-        edge = " (edge)" if best is grid[0] or best is grid[-1] else ""
+        edge = " (edge)" if best_index in (0, len(grid) - 1) else ""
         lines.append(f"| {name}{_fixed_options_text(sweep.get('options', {}))} "
                      f"| {_sweep_steps(root / name / 'sweep.json', sweep)}, {sweep['seed']} "
                      f"| {grid[0]['lr']:.3g} – {grid[-1]['lr']:.3g} ({len(grid)}) "

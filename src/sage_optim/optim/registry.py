@@ -10,7 +10,7 @@ Notes on choices the paper leaves open (documented, not silent):
   dense step is 2e-2 in SR units, SPEC §5). Vectors cannot be Sinkhorn-normalised; in
   ``sinkgd-pure`` they use AdamW at the same lr. ``sinkgd-hybrid`` runs both parts at one lr, as the paper
   does, unless given ``embed_lr`` for its AdamW part: on cpu-bench SinkGD alone (``sinkgd-pure``) is best at
-  lr ≤ 2e-5 and AdamW at 1e-3 (docs/results.md §4), so one shared lr cannot suit both parts.
+  lr 6.32e-6 and AdamW at 1e-3 (docs/results.md §4), so one shared lr cannot suit both parts.
 * ``muon-hybrid`` is torch's ``Muon`` (as rule "muon", ``adjust_lr_fn="match_rms_adamw"``) for hidden
   matrices and AdamW elsewhere, one lr (1e-3, not from the paper, which has no Muon run).
 * ``lion-hybrid`` keeps SAGE-hybrid's dense part (SinkGD uniform, scale 10, lr 2e-3) and gives the
@@ -92,8 +92,6 @@ def _sage_pure(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -
 
 def _sinkgd_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: Optional[float] = None,
                    **kw: Any) -> torch.optim.Optimizer:
-    # note: the paper runs both parts at one lr (2e-4); embed_lr (default: that same lr) lets the AdamW part be
-    # tuned on its own, since SinkGD at scale 100 and AdamW need not want the same lr
     kw.setdefault("sinkgd_scale", 100.0)
     kw.setdefault("normalization", "sr")
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=_non_dense_rules("adamw", embed_lr), **kw)
