@@ -300,7 +300,9 @@ def test_sweep_of_another_option_runs_at_a_fixed_lr_and_compare_applies_its_best
                  "--out", str(cmp), "--tuned", str(sweeps), *data_args]) == 0
     config = json.loads((cmp / "hybrid-embed-adamw-seed42" / "config.json").read_text())
     assert config["optim"]["kwargs"] == {"embed_lr": result["best"]} and config["optim"]["lr"] == 2e-3
-    assert "| embed_lr (at lr 0.002) |" in (cmp / "results.md").read_text()
+    results = (cmp / "results.md").read_text()
+    assert "| embed_lr (at lr 0.002) |" in results
+    assert f"| hybrid-embed-adamw | 0.002, embed_lr {result['best']:g} |" in results  # the tuned option is shown
     capsys.readouterr()
     # an lr sweep that picks another lr makes the option's sweep stale: refused, with the fix
     (out / "sweep.json").write_text(json.dumps({"best_lr": 1e-3, "param": "lr", "seed": 42, "grid": []}))
@@ -332,7 +334,9 @@ def test_an_lr_sweep_can_hold_an_option_fixed_and_compare_applies_both(tmp_path,
     assert main(["compare", *common, "--optimizers", "sinkgd-hybrid", "--out", str(cmp), "--tuned", str(sweeps)]) == 0
     config = json.loads((cmp / "sinkgd-hybrid-seed42" / "config.json").read_text())
     assert config["optim"]["kwargs"] == {"embed_lr": 1e-3} and config["optim"]["lr"] == result["best_lr"]
-    assert "| lr (embed_lr=0.001 fixed) |" in (cmp / "results.md").read_text()
+    results = (cmp / "results.md").read_text()
+    assert "| lr (embed_lr=0.001 fixed) |" in results
+    assert f"| sinkgd-hybrid | {result['best_lr']:g}, embed_lr 0.001 |" in results
     capsys.readouterr()
     # a finished point is reused only for the same run: another fixed value into the same --out is refused
     assert main(["sweep", *common, "--lrs", "1e-5", "1e-4", "--out", str(out), "--opt.embed_lr=3e-3"]) == 2

@@ -211,5 +211,21 @@ def test_ablation_configurations_change_only_what_they_name() -> None:
             expected = {**group, "lr": 3e-4, "initial_lr": 3e-4} if role != "hidden" else group
             assert {k: v for k, v in tuned[role].items() if k not in ("params", "initial_lr")} == \
                 {k: v for k, v in expected.items() if k not in ("params", "initial_lr")}, (name, role)
+    # adamw's embed_lr (the two-lr control): torch's AdamW per element, so each part moves exactly as a plain
+    # AdamW at its own lr would
+    split = {g["role"]: g for g in create_optimizer("adamw", model, lr=1e-3, embed_lr=3e-2).param_groups}
+    assert {r: g["lr"] for r, g in split.items()} == {"hidden": 1e-3, "embedding/head/vector": 3e-2}
+    assert len(split["hidden"]["params"]) == 1 and len(split["embedding/head/vector"]["params"]) == 4
+    models = [copy.deepcopy(model) for _ in range(3)]
+    optimizers = [create_optimizer("adamw", models[0], lr=1e-3, embed_lr=3e-2),
+                  create_optimizer("adamw", models[1], lr=1e-3), create_optimizer("adamw", models[2], lr=3e-2)]
+    tokens = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(0))
+    for m, opt in zip(models, optimizers):  # one step: the three see the same gradients
+        m(tokens).square().mean().backward()
+        opt.step()
+    hidden = {id(p) for p in split["hidden"]["params"]}
+    for p_model, p_split, p_lr, p_embed in zip(model.parameters(), *(m.parameters() for m in models)):
+        expected = p_lr if id(p_model) in hidden else p_embed
+        assert torch.equal(p_split, expected) and not torch.equal(p_split, p_model)
     with pytest.raises(ValueError, match="sage-hybrid: give embed_lr or rules, not both"):
         create_optimizer("sage-hybrid", model, embed_lr=1e-3, rules={"vector": "adamw"})

@@ -349,12 +349,25 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None) -> None:
-    summaries = {name: [json.loads((d / "summary.json").read_text()) for d in dirs] for name, dirs in runs.items()}
+    summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
     table = _results_table(summaries) + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else "")
     (out / "results.md").write_text(table, encoding="utf-8")
     plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
     print(table, end="")
     print(f"\nresults: {out / 'results.md'}\nplots: {', '.join(str(p) for p in plots)}")
+
+
+def _summary_with_options(run_dir: Path) -> dict[str, Any]:
+    """A run's summary.json plus the optimizer options it ran with (config.json), which summary.json lacks:
+    a tuned embed_lr belongs in the results table next to the lr."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return {**summary, "options": dict(config.get("optim", {}).get("kwargs", {}))}
+
+
+def _format_option(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
@@ -615,11 +628,13 @@ def _mean_std(values: list[float]) -> str:
 
 def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per optimizer, ppl mean ± sample std over seeds."""
-    lines = ["| optimizer | lr | val ppl | test ppl | state bytes | s/step | tokens/s | seeds |",
+    lines = ["| optimizer | lr (and options) | val ppl | test ppl | state bytes | s/step | tokens/s | seeds |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rows in summaries.items():
         lines.append(
-            f"| {name} | {rows[0]['lr']:g} | {_mean_std([r['val_ppl'] for r in rows])} "
+            f"| {name} | {rows[0]['lr']:g}"
+            f"{''.join(f', {key} {_format_option(v)}' for key, v in sorted(rows[0].get('options', {}).items()))} "
+            f"| {_mean_std([r['val_ppl'] for r in rows])} "
             f"| {_mean_std([r['test_ppl'] for r in rows])} | {_human_bytes(rows[0]['state_bytes'])} "
             f"| {statistics.fmean(r['train_time_s'] / max(r['steps'], 1) for r in rows):.3f} "
             f"| {statistics.fmean(r['tokens_per_s'] for r in rows):,.0f} "

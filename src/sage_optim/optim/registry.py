@@ -11,6 +11,9 @@ Notes on choices the paper leaves open (documented, not silent):
   ``sinkgd-pure`` they use AdamW at the same lr. ``sinkgd-hybrid`` runs both parts at one lr, as the paper
   does, unless given ``embed_lr`` for its AdamW part: on cpu-bench SinkGD alone (``sinkgd-pure``) is best at
   lr 6.32e-6 and AdamW at 1e-3 (docs/results.md §4), so one shared lr cannot suit both parts.
+* ``adamw`` takes ``embed_lr`` too (default: none, one lr): torch's AdamW with the embedding, head and
+  vectors in a group at that lr, so that a hybrid tuned on two lrs can be compared with an AdamW tuned
+  on the same two (``sage-optim sweep --optimizer adamw --param embed_lr``).
 * ``muon-hybrid`` is torch's ``Muon`` (as rule "muon", ``adjust_lr_fn="match_rms_adamw"``) for hidden
   matrices and AdamW elsewhere, one lr (1e-3, not from the paper, which has no Muon run).
 * ``lion-hybrid`` keeps SAGE-hybrid's dense part (SinkGD uniform, scale 10, lr 2e-3) and gives the
@@ -40,6 +43,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..routing import Role, classify
 from .hybrid import SinkSAGE
 from .sage import Lion
 
@@ -61,9 +65,20 @@ class RegistryEntry:
     ablation: bool = False
 
 
-def _adamw(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: Optional[float] = None,
+           **kw: Any) -> torch.optim.Optimizer:
     kw.setdefault("betas", (0.9, 0.999))
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+    if embed_lr is None:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+    # the control for the hybrids' two learning rates: the same split (hidden matrices at lr, embedding,
+    # head and vectors at embed_lr), with torch's AdamW on both sides
+    named = dict(model.named_parameters())
+    by_role: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+    for name, role in classify(model).items():
+        by_role[role is Role.HIDDEN].append(named[name])
+    groups = [{"params": by_role[True], "role": "hidden"},
+              {"params": by_role[False], "lr": embed_lr, "role": "embedding/head/vector"}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, **kw)
 
 
 def _lion(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
