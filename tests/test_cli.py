@@ -367,8 +367,19 @@ def test_sweeps_reports_each_optimizers_best_lr_and_the_lr_range_it_tolerates(tm
     # low edge, so its width is only a lower bound
     write_sweep("narrow", {1e-4: 6.0, 3e-4: 5.5, 1e-3: 5.0, 3e-3: 5.05, 1e-2: float("inf")}, 1e-4)
     write_sweep("wide", {1e-4: 5.05, 3e-4: 5.0, 1e-3: 5.08, 3e-3: 5.2}, 3e-3)
+    # an option (embed_lr) swept at a fixed lr is read the same way, in a table of its own
+    option_grid = []
+    for value, loss in {1e-3: 5.3, 1e-2: 4.9, 3e-2: 4.85, 1e-1: 5.1}.items():
+        run = tmp_path / "wide" / f"embed_lr{value:.3g}"
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"steps": 300, "lr": 3e-4, "val_loss": loss}))
+        option_grid.append({"value": value, "val_loss": loss, "run": run.name})
+    (tmp_path / "wide" / "sweep-embed_lr.json").write_text(json.dumps(
+        {"optimizer": "wide", "seed": 42, "param": "embed_lr", "lr": 3e-4, "grid": option_grid, "best": 3e-2}))
     assert main(["sweeps", str(tmp_path)]) == 0
     table = (tmp_path / "sweeps.md").read_text()
+    assert "| wide | embed_lr (at lr 0.0003) | 300, 42 | 0.001 – 0.1 (4) | 0.03: 4.8500 | 0.01 – 0.03 | 3× |" \
+        in table, table
     assert (tmp_path / "lr_sensitivity.png").stat().st_size > 0
     assert "| narrow | 300, 42 | 0.0001 – 0.01 (5) | 0.001: 5.0000 | 0.0001: 6.0000 (+1.0000) | 0.001 – 0.003 | 3× |" \
         in table, table

@@ -122,7 +122,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweeps", help="learning-rate sensitivity of every lr sweep in a directory",
                        description="Read <DIR>/<optimizer>/sweep.json (written by `sage-optim sweep --out "
                        "<DIR>/<optimizer>`) and write sweeps.md (best lr, loss at the registry lr, the range of "
-                       "lrs within --within nats of the best) and lr_sensitivity.png without training.")
+                       "lrs within --within nats of the best; then the same for every option sweep, "
+                       "<optimizer>/sweep-<option>.json) and lr_sensitivity.png without training.")
     p.add_argument("dir", help="a directory of sweeps, one subdirectory per optimizer")
     p.add_argument("--within", type=float, default=0.1, metavar="NATS",
                    help="how far above the best final validation loss an lr may be and still count as tolerated "
@@ -420,7 +421,7 @@ def _cmd_sweeps(args: argparse.Namespace, extra: list[str]) -> int:
     if not sweeps:
         raise UsageError(f"{root}: no <optimizer>/sweep.json to read; run `sage-optim sweep --optimizer NAME "
                          f"--out {root / 'NAME'}` first")
-    table = _lr_sensitivity_table(root, sweeps, args.within)
+    table = _lr_sensitivity_table(root, sweeps, args.within) + _option_sweeps_table(root, args.within)
     (root / "sweeps.md").write_text(table, encoding="utf-8")
     plot = _plot_lr_sensitivity(sweeps, root / "lr_sensitivity.png")
     print(table, end="")
@@ -484,6 +485,31 @@ def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within:
                      f"| {best['lr']:.3g}: {best['val_loss']:.4f}{edge} | {paper} "
                      f"| {grid[low]['lr']:.3g} – {grid[high]['lr']:.3g} | {'≥ ' if open_end else ''}{width:.3g}× |")
     return "\n".join(lines) + "\n"
+
+
+def _option_sweeps_table(root: Path, within: float) -> str:
+    """Markdown: every DIR/<optimizer>/sweep-<option>.json (an option such as embed_lr swept at a fixed lr), with
+    the same reading as the lr table: best value, and the contiguous values within ``within`` nats of it."""
+    lines = []
+    for path in sorted(root.glob("*/sweep-*.json")):
+        sweep = json.loads(path.read_text())
+        grid = sweep["grid"]
+        low, best_index, high = _lr_basin(grid, within)
+        best = grid[best_index]
+        open_end = low == 0 or high == len(grid) - 1
+        edge = " (edge)" if best_index in (0, len(grid) - 1) else ""
+        lines.append(f"| {path.parent.name}{_fixed_options_text(sweep.get('options', {}))} "
+                     f"| {sweep['param']} (at lr {sweep['lr']:.3g}) | {_sweep_steps(path, sweep)}, {sweep['seed']} "
+                     f"| {grid[0]['value']:.3g} – {grid[-1]['value']:.3g} ({len(grid)}) "
+                     f"| {best['value']:.3g}: {best['val_loss']:.4f}{edge} "
+                     f"| {grid[low]['value']:.3g} – {grid[high]['value']:.3g} "
+                     f"| {'≥ ' if open_end else ''}{grid[high]['value'] / grid[low]['value']:.3g}× |")
+    if not lines:
+        return ""
+    return "\n".join(["", "Other options, each swept at a fixed lr (`sweep --param NAME`):", "",
+                      f"| optimizer | option | steps, seed | values tried | best value: val loss "
+                      f"| values within {within:g} nats of best | width |", "|---|---|---|---|---|---|---|",
+                      *lines]) + "\n"
 
 
 @contextlib.contextmanager
