@@ -461,6 +461,20 @@ def _sweep_steps(path: Path, sweep: dict[str, Any]) -> int:
     return int(json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"])
 
 
+def _basin_cells(grid: Sequence[dict[str, Any]], key: str, within: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """The best point of a sweep grid sorted by ``key`` ("lr", or "value" for an option sweep) and the table
+    cells both sensitivity tables share: values tried, best (marked at an edge), the tolerated range and its
+    width (a lower bound when the range reaches the grid's edge)."""
+    low, best_index, high = _lr_basin(grid, within)
+    best = grid[best_index]
+    edge = " (edge)" if best_index in (0, len(grid) - 1) else ""
+    open_end = low == 0 or high == len(grid) - 1  # the tolerated range may go on past the grid
+    return best, {"tried": f"{grid[0][key]:.3g} – {grid[-1][key]:.3g} ({len(grid)})",
+                  "best": f"{best[key]:.3g}: {best['val_loss']:.4f}{edge}",
+                  "range": f"{grid[low][key]:.3g} – {grid[high][key]:.3g}",
+                  "width": f"{'≥ ' if open_end else ''}{grid[high][key] / grid[low][key]:.3g}×"}
+
+
 def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within: float) -> str:
     """Markdown: per optimizer, the best lr, the loss at the registry (paper) lr, and how wide a range of lrs
     stays within ``within`` nats of the best (a range that reaches the grid's edge is a lower bound)."""
@@ -469,21 +483,15 @@ def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within:
              f"lrs within {within:g} nats of best | width |", "|---|---|---|---|---|---|---|"]
     for name, sweep in sweeps.items():
         grid = sweep["grid"]
-        low, best_index, high = _lr_basin(grid, within)
-        best = grid[best_index]
+        best, cells = _basin_cells(grid, "lr", within)
         default = sweep.get("default_lr")
         at_default = next((g for g in grid if default is not None and math.isclose(g["lr"], default, rel_tol=1e-6)),
                           None)
         paper = ("not in grid" if at_default is None else
                  f"{default:.3g}: {at_default['val_loss']:.4f} (+{at_default['val_loss'] - best['val_loss']:.4f})")
-        open_end = low == 0 or high == len(grid) - 1  # the tolerated range may go on past the grid
-        width = grid[high]["lr"] / grid[low]["lr"]
-        edge = " (edge)" if best_index in (0, len(grid) - 1) else ""
         lines.append(f"| {name}{_fixed_options_text(sweep.get('options', {}))} "
                      f"| {_sweep_steps(root / name / 'sweep.json', sweep)}, {sweep['seed']} "
-                     f"| {grid[0]['lr']:.3g} – {grid[-1]['lr']:.3g} ({len(grid)}) "
-                     f"| {best['lr']:.3g}: {best['val_loss']:.4f}{edge} | {paper} "
-                     f"| {grid[low]['lr']:.3g} – {grid[high]['lr']:.3g} | {'≥ ' if open_end else ''}{width:.3g}× |")
+                     f"| {cells['tried']} | {cells['best']} | {paper} | {cells['range']} | {cells['width']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -493,17 +501,10 @@ def _option_sweeps_table(root: Path, within: float) -> str:
     lines = []
     for path in sorted(root.glob("*/sweep-*.json")):
         sweep = json.loads(path.read_text())
-        grid = sweep["grid"]
-        low, best_index, high = _lr_basin(grid, within)
-        best = grid[best_index]
-        open_end = low == 0 or high == len(grid) - 1
-        edge = " (edge)" if best_index in (0, len(grid) - 1) else ""
+        _, cells = _basin_cells(sweep["grid"], "value", within)
         lines.append(f"| {path.parent.name}{_fixed_options_text(sweep.get('options', {}))} "
                      f"| {sweep['param']} (at lr {sweep['lr']:.3g}) | {_sweep_steps(path, sweep)}, {sweep['seed']} "
-                     f"| {grid[0]['value']:.3g} – {grid[-1]['value']:.3g} ({len(grid)}) "
-                     f"| {best['value']:.3g}: {best['val_loss']:.4f}{edge} "
-                     f"| {grid[low]['value']:.3g} – {grid[high]['value']:.3g} "
-                     f"| {'≥ ' if open_end else ''}{grid[high]['value'] / grid[low]['value']:.3g}× |")
+                     f"| {cells['tried']} | {cells['best']} | {cells['range']} | {cells['width']} |")
     if not lines:
         return ""
     return "\n".join(["", "Other options, each swept at a fixed lr (`sweep --param NAME`):", "",
