@@ -392,7 +392,16 @@ def test_sweeps_reports_each_optimizers_best_lr_and_the_lr_range_it_tolerates(tm
     assert main(["sweeps", str(tmp_path), "--within", "0"]) == 2
     assert "--within must be a positive number of nats" in one_line_error(capsys)
     assert main(["sweeps", str(tmp_path / "narrow" / "lr0.001")]) == 2
-    assert "no <optimizer>/sweep.json" in one_line_error(capsys)
+    assert "no <optimizer>/sweep.json or <optimizer>/sweep-<option>.json" in one_line_error(capsys)
+    # a directory of option sweeps alone gets the option table, and no lr table or lr plot
+    (tmp_path / "wide" / "sweep.json").unlink()
+    (tmp_path / "narrow" / "sweep.json").unlink()
+    (tmp_path / "lr_sensitivity.png").unlink()
+    assert main(["sweeps", str(tmp_path)]) == 0
+    table = (tmp_path / "sweeps.md").read_text()
+    assert table.startswith("Other options") and "Learning-rate sensitivity" not in table, table
+    assert "| wide | embed_lr (at lr 0.0003) | 300, 42 | 0.001 – 0.1 (4) | 0.03: 4.8500 |" in table, table
+    assert not (tmp_path / "lr_sensitivity.png").exists()
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

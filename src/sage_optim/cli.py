@@ -368,7 +368,8 @@ def _summary_with_options(run_dir: Path) -> dict[str, Any]:
 
 
 def _format_option(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """An optimizer option as every table prints it: floats to three significant digits (0.000632)."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
@@ -418,14 +419,17 @@ def _cmd_sweeps(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError(f"--within must be a positive number of nats, got {args.within}")
     root = Path(args.dir)
     sweeps = {path.parent.name: json.loads(path.read_text()) for path in sorted(root.glob("*/sweep.json"))}
-    if not sweeps:
-        raise UsageError(f"{root}: no <optimizer>/sweep.json to read; run `sage-optim sweep --optimizer NAME "
-                         f"--out {root / 'NAME'}` first")
-    table = _lr_sensitivity_table(root, sweeps, args.within) + _option_sweeps_table(root, args.within)
-    (root / "sweeps.md").write_text(table, encoding="utf-8")
-    plot = _plot_lr_sensitivity(sweeps, root / "lr_sensitivity.png")
-    print(table, end="")
-    print(f"\nresults: {root / 'sweeps.md'}\nplot: {plot}")
+    option_table = _option_sweeps_table(root, args.within)
+    if not sweeps and not option_table:
+        raise UsageError(f"{root}: no <optimizer>/sweep.json or <optimizer>/sweep-<option>.json to read; run "
+                         f"`sage-optim sweep --optimizer NAME --out {root / 'NAME'}` first")
+    # A directory of option sweeps alone (e.g. embed_lr at a fixed lr) has no lr table and no lr plot.
+    table = (_lr_sensitivity_table(root, sweeps, args.within) if sweeps else "") + option_table
+    (root / "sweeps.md").write_text(table.lstrip("\n"), encoding="utf-8")
+    print(table.lstrip("\n"), end="")
+    print(f"\nresults: {root / 'sweeps.md'}")
+    if sweeps:
+        print(f"plot: {_plot_lr_sensitivity(sweeps, root / 'lr_sensitivity.png')}")
     return 0
 
 
@@ -453,8 +457,7 @@ def _fixed_options_text(options: dict[str, Any]) -> str:
     """' (embed_lr=0.001 fixed)' for the options a sweep held fixed; '' when none."""
     if not options:
         return ""
-    return " (" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()) \
-        + " fixed)"
+    return " (" + ", ".join(f"{k}={_format_option(v)}" for k, v in options.items()) + " fixed)"
 
 
 def _sweep_steps(path: Path, sweep: dict[str, Any]) -> int:
