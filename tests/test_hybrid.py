@@ -204,7 +204,8 @@ def test_ablation_configurations_change_only_what_they_name() -> None:
     assert {adamw[r]["rule"] for r in ("embedding", "vector")} == {"adamw"}
     assert {adamw[r]["lr"] for r in ("embedding", "vector")} == {1e-4}
     # embed_lr gives every embedding rule its own lr with the dense part unchanged (SAGE's too)
-    for name in ("sage-hybrid", "hybrid-embed-sage-no-instant", "lion-hybrid", "hybrid-embed-adamw", "sinkgd-hybrid"):
+    for name in ("sage-hybrid", "hybrid-embed-sage-no-instant", "lion-hybrid", "hybrid-embed-adamw", "sinkgd-hybrid",
+                 "muon-hybrid"):
         plain = {g["role"]: g for g in create_optimizer(name, model).param_groups}
         tuned = {g["role"]: g for g in create_optimizer(name, model, embed_lr=3e-4).param_groups}
         for role, group in plain.items():

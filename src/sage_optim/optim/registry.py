@@ -15,7 +15,8 @@ Notes on choices the paper leaves open (documented, not silent):
   vectors in a group at that lr, so that a hybrid tuned on two lrs can be compared with an AdamW tuned
   on the same two (``sage-optim sweep --optimizer adamw --param embed_lr``).
 * ``muon-hybrid`` is torch's ``Muon`` (as rule "muon", ``adjust_lr_fn="match_rms_adamw"``) for hidden
-  matrices and AdamW elsewhere, one lr (1e-3, not from the paper, which has no Muon run).
+  matrices and AdamW elsewhere, one lr (1e-3, not from the paper, which has no Muon run) unless given
+  ``embed_lr`` for its AdamW part.
 * ``lion-hybrid`` keeps SAGE-hybrid's dense part (SinkGD uniform, scale 10, lr 2e-3) and gives the
   Lion groups ``embed_lr`` (default: Lion's paper lr 1e-4). ``sage-hybrid`` (and its ablation variants)
   take ``embed_lr`` too (default: none, the SAGE groups share ``lr``, as in the paper), so that ablation (a)
@@ -137,10 +138,11 @@ def _with_defaults(factory: Callable[..., torch.optim.Optimizer], **defaults: An
     return build
 
 
-def _muon_hybrid(model: nn.Module, *, lr: float, weight_decay: float, **kw: Any) -> torch.optim.Optimizer:
-    # note: torch's Muon with adjust_lr_fn="match_rms_adamw" scales its update to AdamW's RMS, so one lr
-    # serves both the Muon (hidden) and the AdamW (embedding/head/vector) groups.
-    rules = {"hidden": "muon", **{r: "adamw" for r in _NON_DENSE}}
+def _muon_hybrid(model: nn.Module, *, lr: float, weight_decay: float, embed_lr: Optional[float] = None,
+                 **kw: Any) -> torch.optim.Optimizer:
+    # note: torch's Muon with adjust_lr_fn="match_rms_adamw" scales its update to AdamW's RMS, so one lr can
+    # serve both the Muon (hidden) and the AdamW (embedding/head/vector) groups; embed_lr splits them.
+    rules = {"hidden": "muon", **_non_dense_rules("adamw", embed_lr)}
     return SinkSAGE(model, lr=lr, weight_decay=weight_decay, rules=rules, **kw)
 
 
