@@ -230,3 +230,25 @@ def test_ablation_configurations_change_only_what_they_name() -> None:
         assert torch.equal(p_split, expected) and not torch.equal(p_split, p_model)
     with pytest.raises(ValueError, match="sage-hybrid: give embed_lr or rules, not both"):
         create_optimizer("sage-hybrid", model, embed_lr=1e-3, rules={"vector": "adamw"})
+
+
+def test_lr_and_weight_decay_reach_every_rule() -> None:
+    """The docstring's promise, for every rule a role can take: a Muon group once kept its own 1e-3 whatever lr
+    SinkSAGE was given, so muon-hybrid's lr sweep moved only its AdamW part."""
+    from sage_optim.optim._rules import RULES
+    from sage_optim.optim.registry import create_optimizer
+
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.LayerNorm(16))
+    for rule in RULES:
+        opt = so.SinkSAGE(model, lr=3e-4, weight_decay=0.05, rules={"hidden": rule})
+        hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
+        assert (hidden["rule"], hidden["lr"], hidden["weight_decay"]) == (rule, 3e-4, 0.05)
+    tokens = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(0))
+    moved = []
+    for lr in (1e-3, 1e-2):
+        m = copy.deepcopy(model)
+        opt = create_optimizer("muon-hybrid", m, lr=lr)
+        m(tokens).square().mean().backward()
+        opt.step()
+        moved.append((m[1].weight - model[1].weight).norm().item())
+    assert moved[1] > 5 * moved[0], moved  # the hidden (Muon) step follows the lr

@@ -82,6 +82,8 @@ class SinkSAGE(RuleOptimizer):
             "sinkgd": {**shared, "scale": sinkgd_scale, "iters": sinkgd_iters, "normalization": normalization,
                        "eps": eps},
             "adamw": {**shared, "state_dtype": state_dtype},
+            # without this entry a Muon group silently kept the rule's own lr (1e-3) whatever lr was given
+            "muon": shared,
         }
         super().__init__(groups, rule_defaults=rule_defaults, allowed_rules=tuple(RULES), default_rule=None,
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
