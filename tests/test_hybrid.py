@@ -243,6 +243,10 @@ def test_lr_and_weight_decay_reach_every_rule() -> None:
         opt = so.SinkSAGE(model, lr=3e-4, weight_decay=0.05, rules={"hidden": rule})
         hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
         assert (hidden["rule"], hidden["lr"], hidden["weight_decay"]) == (rule, 3e-4, 0.05)
+        if "state_dtype" in RULES[rule].defaults:  # every rule with momentum takes the state dtype too
+            opt = so.SinkSAGE(model, state_dtype=torch.bfloat16, rules={"hidden": rule})
+            hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
+            assert hidden["state_dtype"] in (torch.bfloat16, "bfloat16"), rule  # stored by name
     tokens = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(0))
     moved = []
     for lr in (1e-3, 1e-2):

@@ -83,7 +83,7 @@ class SinkSAGE(RuleOptimizer):
                        "eps": eps},
             "adamw": {**shared, "state_dtype": state_dtype},
             # without this entry a Muon group silently kept the rule's own lr (1e-3) whatever lr was given
-            "muon": shared,
+            "muon": {**shared, "state_dtype": state_dtype},
         }
         super().__init__(groups, rule_defaults=rule_defaults, allowed_rules=tuple(RULES), default_rule=None,
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
