@@ -74,17 +74,14 @@ class SinkSAGE(RuleOptimizer):
                 if not isinstance(group, dict) or "rule" not in group:
                     raise TypeError(f"SinkSAGE needs an nn.Module or param-group dicts with a 'rule' key; item {i} "
                                     f"is {type(group).__name__}{'' if not isinstance(group, dict) else ' without rule'}")
-        shared = {"lr": lr, "weight_decay": weight_decay}
-        sign = {**shared, "betas": betas, "state_dtype": state_dtype}
-        rule_defaults = {
-            "sage": {**sign, "eps": eps, "code_compat": code_compat, "instant_damper": instant_damper},
-            "lion": sign,
-            "sinkgd": {**shared, "scale": sinkgd_scale, "iters": sinkgd_iters, "normalization": normalization,
-                       "eps": eps},
-            "adamw": {**shared, "state_dtype": state_dtype},
-            # without this entry a Muon group silently kept the rule's own lr (1e-3) whatever lr was given
-            "muon": {**shared, "state_dtype": state_dtype},
-        }
+        # lr and weight_decay (and state_dtype, where a rule keeps momentum) reach every rule, derived from
+        # RULES so that a rule added there cannot silently keep its own lr (Muon once did)
+        rule_defaults = {name: {"lr": lr, "weight_decay": weight_decay,
+                                **({"state_dtype": state_dtype} if "state_dtype" in rule.defaults else {})}
+                         for name, rule in RULES.items()}
+        rule_defaults["sage"].update(betas=betas, eps=eps, code_compat=code_compat, instant_damper=instant_damper)
+        rule_defaults["lion"].update(betas=betas)
+        rule_defaults["sinkgd"].update(scale=sinkgd_scale, iters=sinkgd_iters, normalization=normalization, eps=eps)
         super().__init__(groups, rule_defaults=rule_defaults, allowed_rules=tuple(RULES), default_rule=None,
                          foreach=foreach, maximize=maximize, nonfinite=nonfinite,
                          compile=compile, verify_every=verify_every, fused=fused)
