@@ -424,9 +424,9 @@ def _cmd_sweeps(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError(f"{root}: no <optimizer>/sweep.json or <optimizer>/sweep-<option>.json to read; run "
                          f"`sage-optim sweep --optimizer NAME --out {root / 'NAME'}` first")
     # A directory of option sweeps alone (e.g. embed_lr at a fixed lr) has no lr table and no lr plot.
-    table = (_lr_sensitivity_table(root, sweeps, args.within) if sweeps else "") + option_table
-    (root / "sweeps.md").write_text(table.lstrip("\n"), encoding="utf-8")
-    print(table.lstrip("\n"), end="")
+    table = ((_lr_sensitivity_table(root, sweeps, args.within) if sweeps else "") + option_table).lstrip("\n")
+    (root / "sweeps.md").write_text(table, encoding="utf-8")
+    print(table, end="")
     print(f"\nresults: {root / 'sweeps.md'}")
     if sweeps:
         print(f"plot: {_plot_lr_sensitivity(sweeps, root / 'lr_sensitivity.png')}")
