@@ -251,6 +251,21 @@ def test_help_bench_hook_and_module_entry_point(capsys: pytest.CaptureFixture[st
     assert done.stderr.strip() == "sage-optim: error: --train.steps: expected an integer, got 'x'"
 
 
+@pytest.mark.parametrize("command, code", [(["memory", "--model", "llama-60m", "--json"], 0),
+                                           (["train", "--train.steps=x"], 2)])
+def test_a_torchrun_rank_exits_with_its_code_and_all_of_its_output(command: list[str], code: int) -> None:
+    """Under torchrun a rank that succeeded skips interpreter teardown (os._exit, see console_main):
+    its piped, block-buffered stdout must still arrive whole; a failed rank keeps its exit code."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "WORLD_SIZE": "2"}
+    env.pop("PYTHONUNBUFFERED", None)
+    done = subprocess.run([sys.executable, "-m", "sage_optim", *command], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == code, done.stderr
+    if code == 0:
+        rows = json.loads(done.stdout)
+        assert {row["optimizer"] for row in rows} >= {"adamw", "sage-hybrid"}
+
+
 def test_sweep_picks_the_lowest_validation_loss_and_compare_uses_it(tmp_path, data_args):
     sweep_dir = tmp_path / "sweeps" / "lion"
     assert main(["sweep", "--preset", "cpu-tiny", "--optimizer", "lion", "--lrs", "1e-4", "3e-3", "--steps", "6",

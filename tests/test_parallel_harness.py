@@ -81,8 +81,9 @@ def test_fsdp_two_ranks_match_one_process(common: list[str], single: Path, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["parallel"] == {"mode": "fsdp", "world_size": 2}
     assert json.loads((out / "config.json").read_text())["train"]["parallel"] == "fsdp"
-    # only rank 0 prints: one summary on stdout, one "run:" line on stderr
+    # only rank 0 prints: one summary on stdout; one "run:" line and one line per evaluation on stderr
     assert proc.stderr.count("run: cpu-tiny") == 1 and proc.stdout.count('"val_loss"') == 1
+    assert proc.stderr.count("step 10: val loss") == 1
 
 
 def test_ddp_two_ranks_match_one_process(common: list[str], single: Path, tmp_path: Path) -> None:

@@ -1,6 +1,4 @@
 """``python -m sage_optim``: the same as the ``sage-optim`` console script."""
-import sys
+from .cli import console_main
 
-from .cli import main
-
-sys.exit(main())
+console_main()

@@ -302,9 +302,9 @@ def _train(cfg: RunConfig, *, resume: bool, log: Log) -> dict[str, Any] | None:
         progress.write(f"step {step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
         return val_loss
 
-    progress = Progress(total=cfg.train.steps, initial=start, every=cfg.train.log_every_steps)
-    spikes = SpikeDetector(cfg.train.spike_factor) \
+    progress = Progress(total=cfg.train.steps, initial=start, every=cfg.train.log_every_steps) \
         if par.is_main else Muted()
+    spikes = SpikeDetector(cfg.train.spike_factor) if par.is_main else Muted()
     wall0 = time.perf_counter() - clock["wall_s"]
     window_steps, window_s = 0, 0.0
     model.train()
