@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -239,13 +240,15 @@ def test_lr_and_weight_decay_reach_every_rule() -> None:
     from sage_optim.optim.registry import create_optimizer
 
     model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.LayerNorm(16))
+
+    def hidden_group(**kwargs: Any) -> dict:
+        return next(g for g in so.SinkSAGE(model, **kwargs).param_groups if g["role"] == "hidden")
+
     for rule in RULES:
-        opt = so.SinkSAGE(model, lr=3e-4, weight_decay=0.05, rules={"hidden": rule})
-        hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
+        hidden = hidden_group(lr=3e-4, weight_decay=0.05, rules={"hidden": rule})
         assert (hidden["rule"], hidden["lr"], hidden["weight_decay"]) == (rule, 3e-4, 0.05)
         if "state_dtype" in RULES[rule].defaults:  # every rule with momentum takes the state dtype too
-            opt = so.SinkSAGE(model, state_dtype=torch.bfloat16, rules={"hidden": rule})
-            hidden = next(g for g in opt.param_groups if g["role"] == "hidden")
+            hidden = hidden_group(state_dtype=torch.bfloat16, rules={"hidden": rule})
             assert hidden["state_dtype"] in (torch.bfloat16, "bfloat16"), rule  # stored by name
     tokens = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(0))
     moved = []
