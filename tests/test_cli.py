@@ -55,6 +55,7 @@ def test_train_writes_config_metrics_and_a_finite_summary(tmp_path: Path, data_a
     assert math.isfinite(summary["val_loss"]) and math.isfinite(summary["test_ppl"])
     assert summary["steps"] == 20 and summary["tokens"] == 20 * 4 * 2 * 32 and summary["state_bytes"] > 0
     assert summary["corpus"]["name"] == "cc0-slice" and len(summary["corpus"]["content_hash"]) == 64
+    assert summary["device"] == "cpu" and summary["device_name"].endswith(f", {torch.get_num_threads()} threads")
     config = json.loads((out / "config.json").read_text())
     assert (config["optimizer"], config["seed"], config["preset"]) == ("adamw", 42, "cpu-tiny")
     assert config["optim"]["lr"] == 1e-4 and config["model"]["vocab_size"] == 512
@@ -213,7 +214,15 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     assert capsys.readouterr().err.count("is complete, skipping") == 4
     assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")}
     assert main(["plot", str(tmp_path)]) == 0  # redrawn from the directory: seeds in numeric order
-    assert "| 2, 10 |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| 2, 10 |" in table
+    device = json.loads(next(tmp_path.glob("*/summary.json")).read_text())["device_name"]
+    assert f"Measured on: {device}.\n" in table  # one machine ran all four
+    older = tmp_path / "adamw-seed2" / "summary.json"  # a run from before summaries named their device
+    older.write_text(json.dumps({k: v for k, v in json.loads(older.read_text()).items() if k != "device_name"}))
+    assert main(["plot", str(tmp_path)]) == 0
+    assert f"Measured on: {device} (adamw 10, sage-hybrid 2, sage-hybrid 10); not recorded (adamw 2).\n" \
+        in (tmp_path / "results.md").read_text()
 
 
 def test_compare_refuses_optimizers_missing_from_the_registry(tmp_path: Path,

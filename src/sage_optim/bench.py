@@ -33,6 +33,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ._device import device_name
+
 __all__ = ["main", "PeakAllocations", "llama_named_shapes", "SHAPE_PRESETS"]
 
 #: name → (hidden, layers, intermediate, vocab)
@@ -254,8 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     largest = max(math.prod(s) for _, s, _ in shapes) * 4
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     bandwidth = copy_bandwidth(min(numel["hidden"] + numel["other"], 1 << 26), args.device, args.repeats, sync)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    print(f"# {args.preset}: {sum(numel.values()) / 1e6:.1f}M params, device {args.device} ({device_name}), "
+    print(f"# {args.preset}: {sum(numel.values()) / 1e6:.1f}M params, device {args.device} "
+          f"({device_name(args.device)}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 

@@ -674,7 +674,19 @@ def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     footer = (f"\n{first['preset']}, {first['steps']} steps, {first['tokens']:,} tokens, corpus "
               f"{first['corpus']['name']} ({first['corpus']['content_hash'][:12]}), {first['device']} "
               f"{first['precision']}. Perplexities: mean ± sample std over seeds.\n")
-    return "\n".join(lines) + "\n" + footer
+    return "\n".join(lines) + "\n" + footer + _devices_line(summaries)
+
+
+def _devices_line(summaries: dict[str, list[dict[str, Any]]]) -> str:
+    """Which machine ran which runs: s/step and tokens/s compare only between runs of one machine."""
+    by_device: dict[str, list[str]] = {}
+    for name, rows in summaries.items():
+        for r in rows:
+            by_device.setdefault(r.get("device_name", "not recorded"), []).append(f"{name} {r['seed']}")
+    if len(by_device) == 1:
+        return f"Measured on: {next(iter(by_device))}.\n"
+    ordered = sorted(by_device.items(), key=lambda item: item[0] == "not recorded")  # stable: first seen first
+    return "Measured on: " + "; ".join(f"{device} ({', '.join(runs)})" for device, runs in ordered) + ".\n"
 
 
 def _plot_val_loss(runs: dict[str, list[Path]], path: Path) -> Path:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._device import device_name
 from ..optim.registry import available_optimizers, create_optimizer, default_lr
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_to_dict, validate
@@ -396,7 +397,8 @@ def _train(cfg: RunConfig, *, resume: bool, log: Log) -> dict[str, Any] | None:
         "state_bytes": state, "state_bytes_by_role": getattr(state, "by_role", None),
         "wall_time_s": time.perf_counter() - wall0, "train_time_s": clock["train_s"],
         "tokens_per_s": step * cfg.tokens_per_step / clock["train_s"],
-        "peak_memory_bytes": peak_memory_bytes(device), "device": str(device), "precision": precision,
+        "peak_memory_bytes": peak_memory_bytes(device), "device": str(device),
+        "device_name": device_name(device), "precision": precision,
         "corpus": {"name": run.corpus.name, "content_hash": run.corpus.content_hash,
                    "vocab_size": run.corpus.vocab_size},
         "torch": torch.__version__,
