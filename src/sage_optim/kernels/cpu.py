@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._device import cpu_info
 from ..functional._common import as_rows
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -51,11 +52,9 @@ def _cache_dir() -> Path:
 
 
 def _cpu_signature() -> bytes:
-    try:  # -march=native code must never be loaded on another CPU model
-        info = Path("/proc/cpuinfo").read_text(errors="replace").split("\n\n")[0]
-        return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags"))).encode()
-    except OSError:
-        return platform.processor().encode()
+    # -march=native code must never be loaded on another CPU model
+    lines = [line for line in cpu_info().splitlines() if line.startswith(("model name", "flags"))]
+    return ("\n".join(lines) if lines else platform.processor()).encode()
 
 
 def _compiler() -> str:
