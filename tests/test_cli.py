@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,18 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     assert main(["plot", str(tmp_path)]) == 0
     assert f"Measured on: {device} (adamw 10, sage-hybrid 2, sage-hybrid 10); not recorded (adamw 2).\n" \
         in (tmp_path / "results.md").read_text()
+
+    # paired by seed against adamw (the default reference): each seed's difference, mean ± std over the two
+    loss = {(p.parent.name): json.loads(p.read_text())["val_loss"] for p in tmp_path.glob("*/summary.json")}
+    diffs = [loss[f"sage-hybrid-seed{seed}"] - loss[f"adamw-seed{seed}"] for seed in (2, 10)]
+    wins = sum(d < 0 for d in diffs)
+    table = (tmp_path / "results.md").read_text()
+    assert f"| sage-hybrid | {statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} | " in table
+    assert f"| 2 | {wins} of 2 |" in table
+    assert main(["plot", str(tmp_path), "--reference", "sage-hybrid"]) == 0
+    assert f"| adamw | {-statistics.fmean(diffs):+.4f} ± " in (tmp_path / "results.md").read_text()
+    assert main(["plot", str(tmp_path), "--reference", "lion"]) == 2
+    assert "--reference lion is not among the optimizers compared (adamw, sage-hybrid)" in one_line_error(capsys)
 
 
 def test_compare_refuses_optimizers_missing_from_the_registry(tmp_path: Path,

@@ -84,6 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[42], metavar="SEED")
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="default: runs/compare-<preset>")
+    p.add_argument("--reference", metavar="NAME", help="also tabulate each optimizer's final val loss minus NAME's on the same seed (paired differences, mean ± std over shared seeds; default: adamw when it was run)")
     p.add_argument("--data")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     p.add_argument("--config", metavar="FILE")
@@ -119,6 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        "results.md, val_loss.png and ppl_vs_state.png without training.")
     p.add_argument("dir", help="a compare output directory")
     p.add_argument("--tuned", metavar="DIR", help="also list the learning-rate grids of DIR/<name>/sweep.json")
+    p.add_argument("--reference", metavar="NAME", help="also tabulate each optimizer's final val loss minus NAME's on the same seed (paired differences, mean ± std over shared seeds; default: adamw when it was run)")
 
     p = sub.add_parser("sweeps", help="learning-rate sensitivity of every lr sweep in a directory",
                        description="Read <DIR>/<optimizer>/sweep.json (written by `sage-optim sweep --out "
@@ -332,6 +334,7 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     if args.optimizers is None:
         args.optimizers = list(ABLATIONS[args.ablation] if args.ablation else COMPARE_DEFAULT_OPTIMIZERS)
     _check_registry(args.optimizers)
+    _check_reference(args.reference, args.optimizers)
     overrides, _ = _split_overrides(extra, allow_opt=False)
     if "output.out_dir" in overrides or "seed" in overrides or "optimizer" in overrides:
         raise UsageError("compare sets optimizer, seed and output.out_dir itself; use --optimizers, --seeds, --out")
@@ -346,13 +349,22 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
             runs.setdefault(name, []).append(run_dir)
             _run_once(args, overrides, optimizer=name, seed=seed, run_dir=run_dir, lr=lr, label="compare",
                       opt_kwargs=options)
-    _write_results(out, runs, args.tuned)
+    _write_results(out, runs, args.tuned, args.reference)
     return 0
 
 
-def _write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None) -> None:
+def _check_reference(reference: Optional[str], names: Sequence[str]) -> None:
+    if reference is not None and reference not in names:
+        raise UsageError(f"--reference {reference} is not among the optimizers compared ({', '.join(names)}); "
+                         "pick one of them or leave it out")
+
+
+def _write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None,
+                   reference: Optional[str] = None) -> None:
     summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
-    table = _results_table(summaries) + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else "")
+    reference = reference or ("adamw" if "adamw" in runs else None)
+    table = (_results_table(summaries) + (_paired_table(summaries, reference) if reference else "")
+             + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
     (out / "results.md").write_text(table, encoding="utf-8")
     plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
     print(table, end="")
@@ -409,7 +421,8 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
         runs.setdefault(run_order(summary)[0], []).append(summary.parent)
     if not runs:
         raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
-    _write_results(out, runs, args.tuned)
+    _check_reference(args.reference, list(runs))
+    _write_results(out, runs, args.tuned, args.reference)
     return 0
 
 
@@ -675,6 +688,38 @@ def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
               f"{first['corpus']['name']} ({first['corpus']['content_hash'][:12]}), {first['device']} "
               f"{first['precision']}. Perplexities: mean ± sample std over seeds.\n")
     return "\n".join(lines) + "\n" + footer + _devices_line(summaries)
+
+
+def _paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -> str:
+    """Markdown: each optimizer's final val loss minus the reference's on the same seed.
+
+    A seed fixes initialisation and data order, so most of a run's seed-to-seed spread is shared by every
+    optimizer on that seed; the paired difference is the honest error bar for "A beats B" (a difference
+    smaller than the unpaired stds can still hold on every seed, and the other way round)."""
+    baseline = {r["seed"]: r["val_loss"] for r in summaries[reference]}
+    rows = []
+    for name, runs in summaries.items():
+        diffs = [r["val_loss"] - baseline[r["seed"]] for r in runs if r["seed"] in baseline]
+        if name == reference or not diffs:
+            continue
+        if not all(math.isfinite(d) for d in diffs):
+            rows.append((math.inf, f"| {name} | diverged | diverged | {len(diffs)} | - |"))
+            continue
+        ppl_change = [100 * math.expm1(d) for d in diffs]
+        def spread(values: list[float], digits: int, unit: str = "") -> str:
+            return f" ± {statistics.stdev(values):.{digits}f}{unit}" if len(values) > 1 else ""
+        rows.append((statistics.fmean(diffs),
+                     f"| {name} | {statistics.fmean(diffs):+.4f}{spread(diffs, 4)} "
+                     f"| {statistics.fmean(ppl_change):+.1f}%{spread(ppl_change, 1, '%')} "
+                     f"| {len(diffs)} | {sum(d < 0 for d in diffs)} of {len(diffs)} |"))
+    if not rows:
+        return ""
+    lines = [f"\nPaired by seed against {reference} (same initialisation and data order; negative: better than "
+             f"{reference}; mean ± sample std over the seeds both ran):\n",
+             f"| optimizer | val loss − {reference}'s | val ppl vs {reference}'s | seeds | lower on |",
+             "|---|---|---|---|---|"]
+    lines += [row for _, row in sorted(rows, key=lambda item: item[0])]
+    return "\n".join(lines) + "\n"
 
 
 def _devices_line(summaries: dict[str, list[dict[str, Any]]]) -> str:
