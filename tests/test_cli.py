@@ -225,6 +225,14 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     assert f"Measured on: {device} (adamw 10, sage-hybrid 2, sage-hybrid 10); not recorded (adamw 2).\n" \
         in (tmp_path / "results.md").read_text()
 
+    # adamw's two seeds now ran on different machines: their timings are listed per seed, not averaged
+    timed = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("adamw-seed*/summary.json")}
+    speeds = " / ".join(f"{timed[f'adamw-seed{seed}']['tokens_per_s']:,.0f}" for seed in (2, 10))
+    table = (tmp_path / "results.md").read_text()
+    assert f" | {speeds} | 2, 10 |" in table and "per seed (in seed order) where the seeds ran on different" in table
+    sage_speed = statistics.fmean(json.loads((tmp_path / f"sage-hybrid-seed{seed}" / "summary.json").read_text())[
+        "tokens_per_s"] for seed in (2, 10))
+    assert f" | {sage_speed:,.0f} | 2, 10 |" in table  # one machine: the mean
     # paired by seed against adamw (the default reference): each seed's difference, mean ± std over the two
     loss = {(p.parent.name): json.loads(p.read_text())["val_loss"] for p in tmp_path.glob("*/summary.json")}
     diffs = [loss[f"sage-hybrid-seed{seed}"] - loss[f"adamw-seed{seed}"] for seed in (2, 10)]

@@ -670,23 +670,33 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+_PER_SEED_TIMING = "; s/step and tokens/s per seed (in seed order) where the seeds ran on different machines"
+
+
 def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per optimizer, ppl mean ± sample std over seeds."""
     lines = ["| optimizer | lr (and options) | val ppl | test ppl | state bytes | s/step | tokens/s | seeds |",
              "|---|---|---|---|---|---|---|---|"]
+    mixed = False
     for name, rows in summaries.items():
+        step_times = [r["train_time_s"] / max(r["steps"], 1) for r in rows]
+        speeds = [r["tokens_per_s"] for r in rows]
+        if len({r.get("device_name") for r in rows}) > 1:  # a mean over two machines measures neither
+            mixed = True
+            timing = f"{' / '.join(f'{t:.3f}' for t in step_times)} | {' / '.join(f'{v:,.0f}' for v in speeds)}"
+        else:
+            timing = f"{statistics.fmean(step_times):.3f} | {statistics.fmean(speeds):,.0f}"
         lines.append(
             f"| {name} | {rows[0]['lr']:g}"
             f"{''.join(f', {key} {_format_option(v)}' for key, v in sorted(rows[0].get('options', {}).items()))} "
             f"| {_mean_std([r['val_ppl'] for r in rows])} "
             f"| {_mean_std([r['test_ppl'] for r in rows])} | {_human_bytes(rows[0]['state_bytes'])} "
-            f"| {statistics.fmean(r['train_time_s'] / max(r['steps'], 1) for r in rows):.3f} "
-            f"| {statistics.fmean(r['tokens_per_s'] for r in rows):,.0f} "
-            f"| {', '.join(str(r['seed']) for r in rows)} |")
+            f"| {timing} | {', '.join(str(r['seed']) for r in rows)} |")
     first = next(iter(summaries.values()))[0]
     footer = (f"\n{first['preset']}, {first['steps']} steps, {first['tokens']:,} tokens, corpus "
               f"{first['corpus']['name']} ({first['corpus']['content_hash'][:12]}), {first['device']} "
-              f"{first['precision']}. Perplexities: mean ± sample std over seeds.\n")
+              f"{first['precision']}. Perplexities: mean ± sample std over seeds"
+              f"{_PER_SEED_TIMING if mixed else ''}.\n")
     return "\n".join(lines) + "\n" + footer + _devices_line(summaries)
 
 
