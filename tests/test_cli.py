@@ -237,7 +237,6 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     loss = {(p.parent.name): json.loads(p.read_text())["val_loss"] for p in tmp_path.glob("*/summary.json")}
     diffs = [loss[f"sage-hybrid-seed{seed}"] - loss[f"adamw-seed{seed}"] for seed in (2, 10)]
     wins = sum(d < 0 for d in diffs)
-    table = (tmp_path / "results.md").read_text()
     assert f"| sage-hybrid | {statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} | " in table
     assert f"| 2 | {wins} of 2 |" in table
     assert main(["plot", str(tmp_path), "--reference", "sage-hybrid"]) == 0

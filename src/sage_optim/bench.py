@@ -257,8 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     bandwidth = copy_bandwidth(min(numel["hidden"] + numel["other"], 1 << 26), args.device, args.repeats, sync)
     print(f"# {args.preset}: {sum(numel.values()) / 1e6:.1f}M params, device {args.device} "
-          f"({device_name(args.device)}), torch {torch.__version__}, "
-          f"median of {args.repeats}; "
+          f"({device_name(args.device)}), torch {torch.__version__}, median of {args.repeats}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 
     # One set of parameters and gradients serves every case (each optimizer keeps only its own state), and

@@ -72,6 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
     par.add_argument("--ddp", action="store_const", const="ddp", dest="parallel",
                      help="under torchrun: DistributedDataParallel (train.parallel=ddp)")
 
+    reference_help = ("also tabulate each optimizer's final val loss minus NAME's on the same seed (paired "
+                      "differences, mean ± std over shared seeds; default: adamw when it was run)")
     p = sub.add_parser("compare", help="train several optimizers x seeds and tabulate the results",
                        description="Run every optimizer x seed in its own subdirectory of --out (runs with a "
                        "summary.json are skipped, stopped ones resumed), then write results.md and "
@@ -84,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[42], metavar="SEED")
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="default: runs/compare-<preset>")
-    p.add_argument("--reference", metavar="NAME", help="also tabulate each optimizer's final val loss minus NAME's on the same seed (paired differences, mean ± std over shared seeds; default: adamw when it was run)")
+    p.add_argument("--reference", metavar="NAME", help=reference_help)
     p.add_argument("--data")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     p.add_argument("--config", metavar="FILE")
@@ -120,7 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        "results.md, val_loss.png and ppl_vs_state.png without training.")
     p.add_argument("dir", help="a compare output directory")
     p.add_argument("--tuned", metavar="DIR", help="also list the learning-rate grids of DIR/<name>/sweep.json")
-    p.add_argument("--reference", metavar="NAME", help="also tabulate each optimizer's final val loss minus NAME's on the same seed (paired differences, mean ± std over shared seeds; default: adamw when it was run)")
+    p.add_argument("--reference", metavar="NAME", help=reference_help)
 
     p = sub.add_parser("sweeps", help="learning-rate sensitivity of every lr sweep in a directory",
                        description="Read <DIR>/<optimizer>/sweep.json (written by `sage-optim sweep --out "
@@ -663,11 +665,11 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2, *, signed: bool = False, unit: str = "") -> str:
     if any(math.isinf(v) or math.isnan(v) for v in values):
         return "diverged" if values else "-"
-    mean = statistics.fmean(values)
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+    mean = f"{statistics.fmean(values):{'+' if signed else ''}.{digits}f}{unit}"
+    return f"{mean} ± {statistics.stdev(values):.{digits}f}{unit}" if len(values) > 1 else mean
 
 
 _PER_SEED_TIMING = "; s/step and tokens/s per seed (in seed order) where the seeds ran on different machines"
@@ -716,11 +718,9 @@ def _paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) ->
             rows.append((math.inf, f"| {name} | diverged | diverged | {len(diffs)} | - |"))
             continue
         ppl_change = [100 * math.expm1(d) for d in diffs]
-        def spread(values: list[float], digits: int, unit: str = "") -> str:
-            return f" ± {statistics.stdev(values):.{digits}f}{unit}" if len(values) > 1 else ""
         rows.append((statistics.fmean(diffs),
-                     f"| {name} | {statistics.fmean(diffs):+.4f}{spread(diffs, 4)} "
-                     f"| {statistics.fmean(ppl_change):+.1f}%{spread(ppl_change, 1, '%')} "
+                     f"| {name} | {_mean_std(diffs, 4, signed=True)} "
+                     f"| {_mean_std(ppl_change, 1, signed=True, unit='%')} "
                      f"| {len(diffs)} | {sum(d < 0 for d in diffs)} of {len(diffs)} |"))
     if not rows:
         return ""
