@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sage_optim.cli import main, state_bytes_table
+from sage_optim.cli import main
+from sage_optim.memory import state_bytes_table
 from sage_optim.optim.registry import available_optimizers, create_optimizer, unavailable_reason
 from sage_optim.train.metrics import read_metrics
 from sage_optim.train.model import build_meta_model, build_model

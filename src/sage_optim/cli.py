@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import math
 import os
 import re
-import statistics
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-__all__ = ["main", "state_bytes_table"]
+from .memory import human_bytes, state_bytes_table
+from .train import report
+
+__all__ = ["main"]
 
 PROG = "sage-optim"
 COMPARE_DEFAULT_OPTIMIZERS = ("adamw", "lion", "sinkgd-hybrid", "sage-hybrid")
@@ -292,11 +293,6 @@ def _run_once(args: argparse.Namespace, overrides: dict[str, str], *, optimizer:
     train(cfg, resume=resume)
 
 
-def _option_sweeps(tuned_dir: str, name: str) -> list[Path]:
-    """DIR/<name>/sweep-<option>.json: sweeps of an optimizer option other than lr (e.g. embed_lr)."""
-    return sorted((Path(tuned_dir) / name).glob("sweep-*.json"))
-
-
 def _tuned_settings(tuned_dir: str | None, name: str) -> tuple[float | None, dict[str, Any]]:
     """The lr and optimizer options of ``compare --tuned DIR`` for optimizer ``name``.
 
@@ -309,7 +305,7 @@ def _tuned_settings(tuned_dir: str | None, name: str) -> tuple[float | None, dic
     if tuned_dir is None:
         return None, {}
     path = Path(tuned_dir) / name / "sweep.json"
-    option_sweeps = _option_sweeps(tuned_dir, name)
+    option_sweeps = report.option_sweeps(tuned_dir, name)
     lr: float | None = None
     options: dict[str, Any] = {}
     if path.exists():
@@ -351,7 +347,7 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
             runs.setdefault(name, []).append(run_dir)
             _run_once(args, overrides, optimizer=name, seed=seed, run_dir=run_dir, lr=lr, label="compare",
                       opt_kwargs=options)
-    _write_results(out, runs, args.tuned, args.reference)
+    report.write_results(out, runs, args.tuned, args.reference)
     return 0
 
 
@@ -359,55 +355,6 @@ def _check_reference(reference: Optional[str], names: Sequence[str]) -> None:
     if reference is not None and reference not in names:
         raise UsageError(f"--reference {reference} is not among the optimizers compared ({', '.join(names)}); "
                          "pick one of them or leave it out")
-
-
-def _write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None,
-                   reference: Optional[str] = None) -> None:
-    summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
-    reference = reference or ("adamw" if "adamw" in runs else None)
-    table = (_results_table(summaries) + (_paired_table(summaries, reference) if reference else "")
-             + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
-    (out / "results.md").write_text(table, encoding="utf-8")
-    plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
-    print(table, end="")
-    print(f"\nresults: {out / 'results.md'}\nplots: {', '.join(str(p) for p in plots)}")
-
-
-def _summary_with_options(run_dir: Path) -> dict[str, Any]:
-    """A run's summary.json plus the optimizer options it ran with (config.json), which summary.json lacks:
-    a tuned embed_lr belongs in the results table next to the lr."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    return {**summary, "options": dict(config.get("optim", {}).get("kwargs", {}))}
-
-
-def _format_option(value: Any) -> str:
-    """An optimizer option as every table prints it: floats to three significant digits (0.000632)."""
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
-    """Markdown: every value each optimizer's sweeps tried (lr, and any other option), its val loss, and the
-    one chosen."""
-    lines = ["", f"Learning rates (and other swept options): chosen by `sage-optim sweep` (best final validation "
-             f"loss; {tuned_dir}):", "",
-             "| optimizer | sweep (steps, seed) | swept | value: val loss | chosen |", "|---|---|---|---|---|"]
-    for name in names:
-        paths = [p for p in [Path(tuned_dir) / name / "sweep.json"] if p.exists()] + _option_sweeps(tuned_dir, name)
-        if not paths:
-            lines.append(f"| {name} | no sweep | | | default |")
-        for path in paths:
-            sweep = json.loads(path.read_text())
-            param = sweep.get("param", "lr")
-            steps = _sweep_steps(path, sweep)
-            grid = ", ".join(f"{g['value'] if 'value' in g else g['lr']:.3g}: {g['val_loss']:.4f}"
-                             for g in sweep["grid"])
-            label = ("lr" if param == "lr" else f"{param} (at lr {sweep['lr']:.3g})") \
-                + _fixed_options_text(sweep.get("options", {}))
-            best = sweep["best_lr"] if param == "lr" else sweep["best"]
-            lines.append(f"| {name} | {steps}, {sweep['seed']} | {label} | {grid} | {best:.3g} |")
-    return "\n".join(lines) + "\n"
 
 
 def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
@@ -424,7 +371,7 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     if not runs:
         raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
     _check_reference(args.reference, list(runs))
-    _write_results(out, runs, args.tuned, args.reference)
+    report.write_results(out, runs, args.tuned, args.reference)
     return 0
 
 
@@ -435,139 +382,18 @@ def _cmd_sweeps(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError(f"--within must be a positive number of nats, got {args.within}")
     root = Path(args.dir)
     sweeps = {path.parent.name: json.loads(path.read_text()) for path in sorted(root.glob("*/sweep.json"))}
-    option_table = _option_sweeps_table(root, args.within)
+    option_table = report.option_sweeps_table(root, args.within)
     if not sweeps and not option_table:
         raise UsageError(f"{root}: no <optimizer>/sweep.json or <optimizer>/sweep-<option>.json to read; run "
                          f"`sage-optim sweep --optimizer NAME --out {root / 'NAME'}` first")
     # A directory of option sweeps alone (e.g. embed_lr at a fixed lr) has no lr table and no lr plot.
-    table = ((_lr_sensitivity_table(root, sweeps, args.within) if sweeps else "") + option_table).lstrip("\n")
+    table = ((report.lr_sensitivity_table(root, sweeps, args.within) if sweeps else "") + option_table).lstrip("\n")
     (root / "sweeps.md").write_text(table, encoding="utf-8")
     print(table, end="")
     print(f"\nresults: {root / 'sweeps.md'}")
     if sweeps:
-        print(f"plot: {_plot_lr_sensitivity(sweeps, root / 'lr_sensitivity.png')}")
+        print(f"plot: {report.plot_lr_sensitivity(sweeps, root / 'lr_sensitivity.png')}")
     return 0
-
-
-def _lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int, int]:
-    """Indices (low, best, high) of an lr-sorted sweep grid: its best point and the contiguous stretch around
-    it whose final validation loss is within ``within`` nats of the best; a diverged point ends the stretch."""
-    finite = [i for i, g in enumerate(grid) if math.isfinite(g["val_loss"])]
-    if not finite:
-        raise ValueError("every point of the sweep diverged")
-    best = min(finite, key=lambda i: grid[i]["val_loss"])
-    limit = grid[best]["val_loss"] + within
-
-    def tolerated(i: int) -> bool:
-        return 0 <= i < len(grid) and math.isfinite(grid[i]["val_loss"]) and grid[i]["val_loss"] <= limit
-
-    low, high = best, best
-    while tolerated(low - 1):
-        low -= 1
-    while tolerated(high + 1):
-        high += 1
-    return low, best, high
-
-
-def _fixed_options_text(options: dict[str, Any]) -> str:
-    """' (embed_lr=0.001 fixed)' for the options a sweep held fixed; '' when none."""
-    if not options:
-        return ""
-    return " (" + ", ".join(f"{k}={_format_option(v)}" for k, v in options.items()) + " fixed)"
-
-
-def _sweep_steps(path: Path, sweep: dict[str, Any]) -> int:
-    return int(json.loads((path.parent / sweep["grid"][0]["run"] / "summary.json").read_text())["steps"])
-
-
-def _basin_cells(grid: Sequence[dict[str, Any]], key: str, within: float) -> tuple[dict[str, Any], dict[str, str]]:
-    """The best point of a sweep grid sorted by ``key`` ("lr", or "value" for an option sweep) and the table
-    cells both sensitivity tables share: values tried, best (marked at an edge), the tolerated range and its
-    width (a lower bound when the range reaches the grid's edge)."""
-    low, best_index, high = _lr_basin(grid, within)
-    best = grid[best_index]
-    edge = " (edge)" if best_index in (0, len(grid) - 1) else ""
-    open_end = low == 0 or high == len(grid) - 1  # the tolerated range may go on past the grid
-    return best, {"tried": f"{grid[0][key]:.3g} – {grid[-1][key]:.3g} ({len(grid)})",
-                  "best": f"{best[key]:.3g}: {best['val_loss']:.4f}{edge}",
-                  "range": f"{grid[low][key]:.3g} – {grid[high][key]:.3g}",
-                  "width": f"{'≥ ' if open_end else ''}{grid[high][key] / grid[low][key]:.3g}×"}
-
-
-def _lr_sensitivity_table(root: Path, sweeps: dict[str, dict[str, Any]], within: float) -> str:
-    """Markdown: per optimizer, the best lr, the loss at the registry (paper) lr, and how wide a range of lrs
-    stays within ``within`` nats of the best (a range that reaches the grid's edge is a lower bound)."""
-    lines = [f"Learning-rate sensitivity ({root}; final validation loss of one seed per lr):", "",
-             f"| optimizer | steps, seed | lrs tried | best lr: val loss | registry lr: val loss | "
-             f"lrs within {within:g} nats of best | width |", "|---|---|---|---|---|---|---|"]
-    for name, sweep in sweeps.items():
-        grid = sweep["grid"]
-        best, cells = _basin_cells(grid, "lr", within)
-        default = sweep.get("default_lr")
-        at_default = next((g for g in grid if default is not None and math.isclose(g["lr"], default, rel_tol=1e-6)),
-                          None)
-        paper = ("not in grid" if at_default is None else
-                 f"{default:.3g}: {at_default['val_loss']:.4f} (+{at_default['val_loss'] - best['val_loss']:.4f})")
-        lines.append(f"| {name}{_fixed_options_text(sweep.get('options', {}))} "
-                     f"| {_sweep_steps(root / name / 'sweep.json', sweep)}, {sweep['seed']} "
-                     f"| {cells['tried']} | {cells['best']} | {paper} | {cells['range']} | {cells['width']} |")
-    return "\n".join(lines) + "\n"
-
-
-def _option_sweeps_table(root: Path, within: float) -> str:
-    """Markdown: every DIR/<optimizer>/sweep-<option>.json (an option such as embed_lr swept at a fixed lr), with
-    the same reading as the lr table: best value, and the contiguous values within ``within`` nats of it."""
-    lines = []
-    for path in sorted(root.glob("*/sweep-*.json")):
-        sweep = json.loads(path.read_text())
-        _, cells = _basin_cells(sweep["grid"], "value", within)
-        lines.append(f"| {path.parent.name}{_fixed_options_text(sweep.get('options', {}))} "
-                     f"| {sweep['param']} (at lr {sweep['lr']:.3g}) | {_sweep_steps(path, sweep)}, {sweep['seed']} "
-                     f"| {cells['tried']} | {cells['best']} | {cells['range']} | {cells['width']} |")
-    if not lines:
-        return ""
-    return "\n".join(["", "Other options, each swept at a fixed lr (`sweep --param NAME`):", "",
-                      f"| optimizer | option | steps, seed | values tried | best value: val loss "
-                      f"| values within {within:g} nats of best | width |", "|---|---|---|---|---|---|---|",
-                      *lines]) + "\n"
-
-
-@contextlib.contextmanager
-def _figure(path: Path, *, xlabel: str, ylabel: str, log_x: bool = False, legend: bool = True) -> Iterator[Any]:
-    """A headless matplotlib axes, labelled and saved to ``path`` (120 dpi) when the block ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    try:
-        yield ax
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if legend:
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
-
-
-def _plot_lr_sensitivity(sweeps: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Final validation loss against lr, one line per optimizer; the chosen lr ringed, diverged points left out."""
-    with _figure(path, xlabel="peak learning rate (log scale)", ylabel="final validation loss (one seed; ring: best)",
-                 log_x=True) as ax:
-        for name, sweep in sweeps.items():
-            grid = [g for g in sweep["grid"] if math.isfinite(g["val_loss"])]
-            line, = ax.plot([g["lr"] for g in grid], [g["val_loss"] for g in grid], marker="o",
-                            label=name + _fixed_options_text(sweep.get("options", {})))
-            best = min(grid, key=lambda g: g["val_loss"])
-            ax.plot([best["lr"]], [best["val_loss"]], marker="o", markersize=12, fillstyle="none",
-                    color=line.get_color())
-    return path
 
 
 def _sweep_values(args: argparse.Namespace, out: Path) -> tuple[list[float], Optional[float]]:
@@ -657,179 +483,12 @@ def _cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     path = out / ("sweep.json" if param == "lr" else f"sweep-{param}.json")
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     at = "" if fixed_lr is None else f" (lr {fixed_lr:.3g})"
-    at += _fixed_options_text(fixed)
+    at += report.fixed_options_text(fixed)
     for g in grid:
         print(f"{args.optimizer} {param} {g[key]:.3g}{at}: val loss {g['val_loss']:.4f} ppl {g['val_ppl']:.1f}"
               f"{'   <- best' if g is best else ''}")
     print(f"sweep: {path}{edge}")
     return 0
-
-
-def _mean_std(values: list[float], digits: int = 2, *, signed: bool = False, unit: str = "") -> str:
-    if any(math.isinf(v) or math.isnan(v) for v in values):
-        return "diverged" if values else "-"
-    mean = f"{statistics.fmean(values):{'+' if signed else ''}.{digits}f}{unit}"
-    return f"{mean} ± {statistics.stdev(values):.{digits}f}{unit}" if len(values) > 1 else mean
-
-
-_PER_SEED_TIMING = "; s/step and tokens/s per seed (in seed order) where the seeds ran on different machines"
-
-
-def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown: one row per optimizer, ppl mean ± sample std over seeds."""
-    lines = ["| optimizer | lr (and options) | val ppl | test ppl | state bytes | s/step | tokens/s | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
-    mixed = False
-    for name, rows in summaries.items():
-        step_times = [r["train_time_s"] / max(r["steps"], 1) for r in rows]
-        speeds = [r["tokens_per_s"] for r in rows]
-        if len({r.get("device_name") for r in rows}) > 1:  # a mean over two machines measures neither
-            mixed = True
-            timing = f"{' / '.join(f'{t:.3f}' for t in step_times)} | {' / '.join(f'{v:,.0f}' for v in speeds)}"
-        else:
-            timing = f"{statistics.fmean(step_times):.3f} | {statistics.fmean(speeds):,.0f}"
-        lines.append(
-            f"| {name} | {rows[0]['lr']:g}"
-            f"{''.join(f', {key} {_format_option(v)}' for key, v in sorted(rows[0].get('options', {}).items()))} "
-            f"| {_mean_std([r['val_ppl'] for r in rows])} "
-            f"| {_mean_std([r['test_ppl'] for r in rows])} | {_human_bytes(rows[0]['state_bytes'])} "
-            f"| {timing} | {', '.join(str(r['seed']) for r in rows)} |")
-    first = next(iter(summaries.values()))[0]
-    footer = (f"\n{first['preset']}, {first['steps']} steps, {first['tokens']:,} tokens, corpus "
-              f"{first['corpus']['name']} ({first['corpus']['content_hash'][:12]}), {first['device']} "
-              f"{first['precision']}. Perplexities: mean ± sample std over seeds"
-              f"{_PER_SEED_TIMING if mixed else ''}.\n")
-    return "\n".join(lines) + "\n" + footer + _devices_line(summaries)
-
-
-def _paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -> str:
-    """Markdown: each optimizer's final val loss minus the reference's on the same seed.
-
-    A seed fixes initialisation and data order, so most of a run's seed-to-seed spread is shared by every
-    optimizer on that seed; the paired difference is the honest error bar for "A beats B" (a difference
-    smaller than the unpaired stds can still hold on every seed, and the other way round)."""
-    baseline = {r["seed"]: r["val_loss"] for r in summaries[reference]}
-    rows = []
-    for name, runs in summaries.items():
-        diffs = [r["val_loss"] - baseline[r["seed"]] for r in runs if r["seed"] in baseline]
-        if name == reference or not diffs:
-            continue
-        if not all(math.isfinite(d) for d in diffs):
-            rows.append((math.inf, f"| {name} | diverged | diverged | {len(diffs)} | - |"))
-            continue
-        ppl_change = [100 * math.expm1(d) for d in diffs]
-        rows.append((statistics.fmean(diffs),
-                     f"| {name} | {_mean_std(diffs, 4, signed=True)} "
-                     f"| {_mean_std(ppl_change, 1, signed=True, unit='%')} "
-                     f"| {len(diffs)} | {sum(d < 0 for d in diffs)} of {len(diffs)} |"))
-    if not rows:
-        return ""
-    lines = [f"\nPaired by seed against {reference} (same initialisation and data order; negative: better than "
-             f"{reference}; mean ± sample std over the seeds both ran):\n",
-             f"| optimizer | val loss − {reference}'s | val ppl vs {reference}'s | seeds | lower on |",
-             "|---|---|---|---|---|"]
-    lines += [row for _, row in sorted(rows, key=lambda item: item[0])]
-    return "\n".join(lines) + "\n"
-
-
-def _devices_line(summaries: dict[str, list[dict[str, Any]]]) -> str:
-    """Which machine ran which runs: s/step and tokens/s compare only between runs of one machine."""
-    by_device: dict[str, list[str]] = {}
-    for name, rows in summaries.items():
-        for r in rows:
-            by_device.setdefault(r.get("device_name", "not recorded"), []).append(f"{name} {r['seed']}")
-    if len(by_device) == 1:
-        return f"Measured on: {next(iter(by_device))}.\n"
-    ordered = sorted(by_device.items(), key=lambda item: item[0] == "not recorded")  # stable: first seen first
-    return "Measured on: " + "; ".join(f"{device} ({', '.join(runs)})" for device, runs in ordered) + ".\n"
-
-
-def _plot_val_loss(runs: dict[str, list[Path]], path: Path) -> Path:
-    from .train.metrics import read_metrics
-
-    with _figure(path, xlabel="step", ylabel="validation loss (mean over seeds; band: min-max)") as ax:
-        for name, dirs in runs.items():
-            by_step: dict[int, list[float]] = {}
-            for d in dirs:
-                for row in read_metrics(d / "metrics.jsonl"):
-                    if "val_loss" in row:
-                        by_step.setdefault(row["step"], []).append(row["val_loss"])
-            steps = sorted(by_step)
-            line, = ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=name)
-            if len(dirs) > 1:  # the band spans the seeds' lowest and highest loss at each evaluation
-                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
-    return path
-
-
-def _plot_ppl_vs_state(summaries: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Final validation perplexity (mean, error bar: sample std over seeds) against optimizer-state bytes."""
-    with _figure(path, xlabel="optimizer state (bytes, log scale)", ylabel="final validation perplexity",
-                 log_x=True, legend=False) as ax:
-        for name, rows in summaries.items():
-            if rows[0].get("state_bytes") is None:
-                continue
-            ppl = [r["val_ppl"] for r in rows]
-            spread = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
-            ax.errorbar(rows[0]["state_bytes"], statistics.fmean(ppl), yerr=spread, fmt="o", capsize=3, label=name)
-            ax.annotate(name, (rows[0]["state_bytes"], statistics.fmean(ppl)), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    return path
-
-
-def _human_bytes(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def state_bytes_table(model: Any, optimizers: Sequence[str]) -> list[dict[str, Any]]:
-    """Optimizer-state bytes of each registry optimizer for ``model`` (meta device or real), total and by role.
-
-    The count is the optimizer's own ``state_nbytes()`` and ``partition`` when it has them (computed
-    from its state spec, exact before the first step); otherwise the optimizer takes one step with
-    meta gradients and the state tensors it creates are summed. Roles come from
-    :func:`sage_optim.routing.classify`. ``tests/test_cli.py`` checks the counts against real
-    optimizers after one real step. An optional baseline whose package is missing gets a row with
-    ``state_bytes`` ``None`` and a ``note`` saying why.
-    """
-    import torch
-
-    from .optim.registry import create_optimizer, unavailable_reason
-    from .routing import classify
-    from .train.metrics import state_nbytes, tensor_nbytes
-
-    roles = {name: str(role) for name, role in classify(model).items()}
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    results = []
-    for name in optimizers:
-        reason = unavailable_reason(name)
-        if reason is not None:
-            results.append({"optimizer": name, "state_bytes": None, "by_role": {}, "method": None,
-                            "note": f"not available: {reason}"})
-            continue
-        optimizer = create_optimizer(name, model)
-        if hasattr(optimizer, "state_nbytes") and hasattr(optimizer, "partition"):
-            method = "state_nbytes"
-            per_param = {row.name: row.state_bytes for row in optimizer.partition.rows}
-        else:
-            method = "one step on meta tensors"
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
-            try:
-                optimizer.step()
-            finally:
-                for p in model.parameters():
-                    p.grad = None
-            per_param = {name_of[id(p)]: tensor_nbytes(state) for p, state in optimizer.state.items()}
-        by_role: dict[str, int] = {}
-        for param_name, nbytes in per_param.items():
-            role = roles.get(param_name, "-")
-            by_role[role] = by_role.get(role, 0) + nbytes
-        results.append({"optimizer": name, "state_bytes": int(state_nbytes(optimizer)), "by_role": by_role,
-                        "method": method})
-    return results
 
 
 def _cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
@@ -857,7 +516,7 @@ def _cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{args.model}: {params:,} parameters ({_human_bytes(4 * params)} in fp32), vocab {vocab}, "
+    print(f"{args.model}: {params:,} parameters ({human_bytes(4 * params)} in fp32), vocab {vocab}, "
           f"{'tied' if cfg.model.tie_word_embeddings else 'untied'} embeddings; optimizer state between steps:")
     header = f"{'optimizer':<15} {'state bytes':>16} {'':>9} {'x AdamW':>8}  by role"
     print(header)
@@ -867,8 +526,8 @@ def _cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"{row['optimizer']:<15} {row['note']}")
             continue
         ratio = f"{row['ratio_to_adamw']:.3f}" if row["ratio_to_adamw"] is not None else "-"
-        roles = ", ".join(f"{k} {_human_bytes(v)}" for k, v in row["by_role"].items() if v)
-        print(f"{row['optimizer']:<15} {row['state_bytes']:>16,} {_human_bytes(row['state_bytes']):>9} "
+        roles = ", ".join(f"{k} {human_bytes(v)}" for k, v in row["by_role"].items() if v)
+        print(f"{row['optimizer']:<15} {row['state_bytes']:>16,} {human_bytes(row['state_bytes']):>9} "
               f"{ratio:>8}  {roles}")
     return 0
 
