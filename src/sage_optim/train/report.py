@@ -13,16 +13,16 @@ from typing import Any, Iterator, Optional, Sequence
 
 from ..memory import human_bytes
 
-__all__ = ["write_results", "results_table", "paired_table", "mean_std", "option_sweeps", "sweeps_table",
-           "fixed_options_text", "lr_basin", "lr_sensitivity_table", "option_sweeps_table", "plot_lr_sensitivity"]
+__all__ = ["write_results", "option_sweeps", "fixed_options_text", "lr_sensitivity_table", "option_sweeps_table",
+           "plot_lr_sensitivity"]
 
 
 def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None,
                    reference: Optional[str] = None) -> None:
     summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
     reference = reference or ("adamw" if "adamw" in runs else None)
-    table = (results_table(summaries) + (paired_table(summaries, reference) if reference else "")
-             + (sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
+    table = (_results_table(summaries) + (_paired_table(summaries, reference) if reference else "")
+             + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
     (out / "results.md").write_text(table, encoding="utf-8")
     plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
     print(table, end="")
@@ -43,7 +43,7 @@ def _format_option(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def mean_std(values: list[float], digits: int = 2, *, signed: bool = False, unit: str = "") -> str:
+def _mean_std(values: list[float], digits: int = 2, *, signed: bool = False, unit: str = "") -> str:
     if any(math.isinf(v) or math.isnan(v) for v in values):
         return "diverged" if values else "-"
     mean = f"{statistics.fmean(values):{'+' if signed else ''}.{digits}f}{unit}"
@@ -53,7 +53,7 @@ def mean_std(values: list[float], digits: int = 2, *, signed: bool = False, unit
 _PER_SEED_TIMING = "; s/step and tokens/s per seed (in seed order) where the seeds ran on different machines"
 
 
-def results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
+def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per optimizer, ppl mean ± sample std over seeds."""
     lines = ["| optimizer | lr (and options) | val ppl | test ppl | state bytes | s/step | tokens/s | seeds |",
              "|---|---|---|---|---|---|---|---|"]
@@ -69,8 +69,8 @@ def results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
         lines.append(
             f"| {name} | {rows[0]['lr']:g}"
             f"{''.join(f', {key} {_format_option(v)}' for key, v in sorted(rows[0].get('options', {}).items()))} "
-            f"| {mean_std([r['val_ppl'] for r in rows])} "
-            f"| {mean_std([r['test_ppl'] for r in rows])} | {human_bytes(rows[0]['state_bytes'])} "
+            f"| {_mean_std([r['val_ppl'] for r in rows])} "
+            f"| {_mean_std([r['test_ppl'] for r in rows])} | {human_bytes(rows[0]['state_bytes'])} "
             f"| {timing} | {', '.join(str(r['seed']) for r in rows)} |")
     first = next(iter(summaries.values()))[0]
     footer = (f"\n{first['preset']}, {first['steps']} steps, {first['tokens']:,} tokens, corpus "
@@ -80,7 +80,7 @@ def results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n" + footer + _devices_line(summaries)
 
 
-def paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -> str:
+def _paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -> str:
     """Markdown: each optimizer's final val loss minus the reference's on the same seed.
 
     A seed fixes initialisation and data order, so most of a run's seed-to-seed spread is shared by every
@@ -97,8 +97,8 @@ def paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -> 
             continue
         ppl_change = [100 * math.expm1(d) for d in diffs]
         rows.append((statistics.fmean(diffs),
-                     f"| {name} | {mean_std(diffs, 4, signed=True)} "
-                     f"| {mean_std(ppl_change, 1, signed=True, unit='%')} "
+                     f"| {name} | {_mean_std(diffs, 4, signed=True)} "
+                     f"| {_mean_std(ppl_change, 1, signed=True, unit='%')} "
                      f"| {len(diffs)} | {sum(d < 0 for d in diffs)} of {len(diffs)} |"))
     if not rows:
         return ""
@@ -160,7 +160,7 @@ def option_sweeps(tuned_dir: str, name: str) -> list[Path]:
     return sorted((Path(tuned_dir) / name).glob("sweep-*.json"))
 
 
-def sweeps_table(tuned_dir: str, names: list[str]) -> str:
+def _sweeps_table(tuned_dir: str, names: list[str]) -> str:
     """Markdown: every value each optimizer's sweeps tried (lr, and any other option), its val loss, and the
     one chosen."""
     lines = ["", f"Learning rates (and other swept options): chosen by `sage-optim sweep` (best final validation "
@@ -183,7 +183,7 @@ def sweeps_table(tuned_dir: str, names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int, int]:
+def _lr_basin(grid: Sequence[dict[str, Any]], within: float) -> tuple[int, int, int]:
     """Indices (low, best, high) of an lr-sorted sweep grid: its best point and the contiguous stretch around
     it whose final validation loss is within ``within`` nats of the best; a diverged point ends the stretch."""
     finite = [i for i, g in enumerate(grid) if math.isfinite(g["val_loss"])]
@@ -218,7 +218,7 @@ def _basin_cells(grid: Sequence[dict[str, Any]], key: str, within: float) -> tup
     """The best point of a sweep grid sorted by ``key`` ("lr", or "value" for an option sweep) and the table
     cells both sensitivity tables share: values tried, best (marked at an edge), the tolerated range and its
     width (a lower bound when the range reaches the grid's edge)."""
-    low, best_index, high = lr_basin(grid, within)
+    low, best_index, high = _lr_basin(grid, within)
     best = grid[best_index]
     edge = " (edge)" if best_index in (0, len(grid) - 1) else ""
     open_end = low == 0 or high == len(grid) - 1  # the tolerated range may go on past the grid
