@@ -246,6 +246,36 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     assert "--reference lion is not among the optimizers compared (adamw, sage-hybrid)" in one_line_error(capsys)
 
 
+def test_compare_adds_to_a_directory_only_runs_of_the_same_experiment(
+        tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["compare", "--preset", "cpu-tiny", "--seeds", "2", "--out", str(tmp_path)]
+    assert main([*base, "--optimizers", "adamw", "--steps", "3", *data_args]) == 0
+    capsys.readouterr()
+    # `--data default` means the full mix once `data prepare` ran: another corpus than the runs there
+    assert main([*base, "--optimizers", "sage-hybrid", "--steps", "3", "--data", "embedded",
+                 *data_args[2:]]) == 2
+    assert ("holds runs of another experiment: adamw-seed2 has corpus cc0-slice there, embedded-cc0 now; use "
+            "another --out") in one_line_error(capsys)
+    assert main([*base, "--optimizers", "sage-hybrid", "--steps", "4", *data_args]) == 2
+    assert "adamw-seed2 has steps 3 there, 4 now, tokens 768 there, 1024 now" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw-seed2", "ppl_vs_state.png", "results.md",
+                                                          "val_loss.png"]
+    # a later sitting adds an optimizer: the table covers every finished run in the directory
+    assert main([*base, "--optimizers", "sage-hybrid", "--steps", "3", *data_args]) == 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| adamw | 0.0001 |" in table and "| sage-hybrid | 0.002 |" in table
+    # a run copied in from another corpus is refused by the table, not averaged in
+    summary_path = tmp_path / "sage-hybrid-seed2" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["corpus"]["content_hash"] = "f" * 64
+    summary_path.write_text(json.dumps(summary))
+    assert main(["plot", str(tmp_path)]) == 2
+    error = one_line_error(capsys)
+    assert f"{tmp_path} mixes runs of different experiments" in error and "corpus hash ffffffffffff" in error
+    assert "sage-hybrid 2" in error and "move the odd runs to another directory" in error
+    assert "| sage-hybrid |" in (tmp_path / "results.md").read_text()  # the last good table is kept
+
+
 def test_compare_refuses_optimizers_missing_from_the_registry(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", "--optimizers", "adamw", "not-an-optimizer", "--out", str(tmp_path)]) == 2

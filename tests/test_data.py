@@ -451,6 +451,11 @@ def test_prepare_with_fake_source_then_default_uses_full(tmp_path: Path) -> None
 
     c = load_corpus(None, vocab_size=300, cache_dir=cache, log=_quiet)
     assert c.name == "full"
+    # the name a source resolves to, without loading: "default" changed meaning when prepare ran
+    assert [data.corpus_name(s, cache_dir=cache) for s in (None, "default", "embedded", "full")] == [
+        "full", "full", data.EMBEDDED_NAME, "full"]
+    assert data.corpus_name("default", cache_dir=tmp_path / "unprepared") == data.EMBEDDED_NAME
+    assert data.corpus_name(tmp_path / "my-corpus.jsonl.gz") == "my-corpus"
 
 
 def test_missing_npm_is_clear(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

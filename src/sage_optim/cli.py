@@ -337,18 +337,53 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     if "output.out_dir" in overrides or "seed" in overrides or "optimizer" in overrides:
         raise UsageError("compare sets optimizer, seed and output.out_dir itself; use --optimizers, --seeds, --out")
     out = Path(args.out or f"runs/compare-{args.preset}")
-    runs: dict[str, list[Path]] = {}
     plan = {}  # checked for every optimizer before the first run starts
     for name in args.optimizers:
         plan[name] = _tuned_settings(args.tuned, name)
+    _check_same_experiment(out, _build_config(args, overrides, {}, optimizer=args.optimizers[0]))
     for name, (lr, options) in plan.items():
         for seed in args.seeds:
-            run_dir = out / f"{name}-seed{seed}"
-            runs.setdefault(name, []).append(run_dir)
-            _run_once(args, overrides, optimizer=name, seed=seed, run_dir=run_dir, lr=lr, label="compare",
-                      opt_kwargs=options)
-    report.write_results(out, runs, args.tuned, args.reference)
+            _run_once(args, overrides, optimizer=name, seed=seed, run_dir=out / f"{name}-seed{seed}", lr=lr,
+                      label="compare", opt_kwargs=options)
+    # the table covers every completed run in --out, not only this call's: it is built over several sittings
+    report.write_results(out, _completed_runs(out), args.tuned, args.reference)
     return 0
+
+
+def _completed_runs(out: Path) -> dict[str, list[Path]]:
+    """The finished runs in a compare directory (<optimizer>-seed<seed>/summary.json), seeds in numeric order."""
+    def run_order(summary: Path) -> tuple[str, int, str]:
+        name, seed = summary.parent.name.rsplit("-seed", 1)
+        return name, int(seed) if seed.isdigit() else -1, seed  # seed 88 before seed 123
+
+    runs: dict[str, list[Path]] = {}
+    for summary in sorted(out.glob("*-seed*/summary.json"), key=run_order):
+        runs.setdefault(run_order(summary)[0], []).append(summary.parent)
+    return runs
+
+
+def _check_same_experiment(out: Path, cfg: Any) -> None:
+    """Refuse to add runs to a compare directory whose finished runs trained another experiment (preset, steps,
+    tokens, corpus): a table mixing them would compare corpora, not optimizers. The corpus is compared by the
+    name it resolves to here, because ``default`` means the full mix once `data prepare` ran and the embedded
+    corpus before."""
+    from .train.data import corpus_name
+
+    planned = {"preset": cfg.preset, "steps": cfg.train.steps, "tokens": cfg.train.steps * cfg.tokens_per_step,
+               "corpus": corpus_name(cfg.data.source, cache_dir=cfg.data.cache_dir)}
+    for dirs in _completed_runs(out).values():
+        for run_dir in dirs:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            had = {**{k: summary.get(k) for k in ("preset", "steps", "tokens")},
+                   "corpus": summary.get("corpus", {}).get("name")}
+            differ = [k for k in planned if planned[k] != had[k]]
+            if differ:
+                what = ", ".join(f"{k} {had[k]} there, {planned[k]} now" for k in differ)
+                keyword = {"embedded-cc0": "embedded", "full": "full"}.get(had["corpus"])
+                hint = (f", or --data {keyword} to train on the corpus of the runs there"
+                        if "corpus" in differ and keyword else "")
+                raise UsageError(f"{out} holds runs of another experiment: {run_dir.name} has {what}; use "
+                                 f"another --out{hint}")
 
 
 def _check_reference(reference: Optional[str], names: Sequence[str]) -> None:
@@ -361,13 +396,7 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
     out = Path(args.dir)
-    def run_order(summary: Path) -> tuple[str, int, str]:
-        name, seed = summary.parent.name.rsplit("-seed", 1)
-        return name, int(seed) if seed.isdigit() else -1, seed  # seed 88 before seed 123
-
-    runs: dict[str, list[Path]] = {}
-    for summary in sorted(out.glob("*-seed*/summary.json"), key=run_order):
-        runs.setdefault(run_order(summary)[0], []).append(summary.parent)
+    runs = _completed_runs(out)
     if not runs:
         raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
     _check_reference(args.reference, list(runs))
@@ -569,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sweeps": _cmd_sweeps, "memory": _cmd_memory, "data": _cmd_data}
     try:
         return commands[args.command](args, extra)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, report.MixedRunsError) as exc:
         _err(str(exc))
         return 2
     except (CheckpointError, DataError) as exc:

@@ -61,6 +61,7 @@ __all__ = [
     "WindowSampler",
     "build_embedded",
     "build_fixture",
+    "corpus_name",
     "default_cache_dir",
     "embedded_documents",
     "embedded_manifest",
@@ -981,6 +982,25 @@ def _documents_from_path(path: Path) -> list[Document]:
     )
 
 
+def _corpus_keyword(source: str | None, cache: Path) -> str:
+    """The keyword a keyword source means here: ``"default"`` is ``"full"`` only once it is prepared."""
+    key = source or "default"
+    if key == "default":
+        key = "full" if (cache / FULL_CORPUS_FILE).is_file() else "embedded"
+    return key
+
+
+def corpus_name(source: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None) -> str:
+    """The name :func:`load_corpus` would give the corpus of ``source`` (the ``corpus.name`` a run records),
+    without loading it: ``"default"`` names different corpora before and after ``prepare``, so a run
+    directory is compared with its neighbours by this, not by the source string."""
+    if isinstance(source, str) and source in _KEYWORDS or source is None:
+        key = _corpus_keyword(source, _resolve_cache_dir(cache_dir))
+        return {"embedded": EMBEDDED_NAME, "full": "full", "fixture": "fixture"}[key]
+    path = Path(source).expanduser()
+    return _strip_suffixes(path.name) or "corpus"
+
+
 def load_corpus(
     source: str | os.PathLike[str] | None = None,
     *,
@@ -1008,9 +1028,7 @@ def load_corpus(
         raise DataError(f"vocab_size={vocab_size} is out of range; use at least {MIN_VOCAB_SIZE} (256 bytes + {EOT})")
 
     if isinstance(source, str) and source in _KEYWORDS or source is None:
-        key = source or "default"
-        if key == "default":
-            key = "full" if (cache / FULL_CORPUS_FILE).is_file() else "embedded"
+        key = _corpus_keyword(source, cache)
         if key == "embedded":
             name, docs = EMBEDDED_NAME, embedded_documents()
         elif key == "full":
@@ -1029,7 +1047,7 @@ def load_corpus(
         path = Path(source).expanduser()
         if path.name.endswith(".bin") and path.is_file():
             return _load_bin(path, _strip_suffixes(path.name), vocab_size, log)
-        name, docs = _strip_suffixes(path.name) or "corpus", _documents_from_path(path)
+        name, docs = corpus_name(path), _documents_from_path(path)
 
     vocab = DEFAULT_VOCAB_SIZE if vocab_size is None else int(vocab_size)
     return _tokenize_documents(name, docs, vocab, cache, log, split_seed)

@@ -13,13 +13,18 @@ from typing import Any, Iterator, Optional, Sequence
 
 from ..memory import human_bytes
 
-__all__ = ["write_results", "option_sweeps", "fixed_options_text", "lr_sensitivity_table", "option_sweeps_table",
+__all__ = ["MixedRunsError", "write_results", "option_sweeps", "fixed_options_text", "lr_sensitivity_table", "option_sweeps_table",
            "plot_lr_sensitivity"]
+
+
+class MixedRunsError(ValueError):
+    """The runs given to one results table trained different experiments (corpus, steps, precision, ...)."""
 
 
 def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None,
                    reference: Optional[str] = None) -> None:
     summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
+    _check_one_experiment(out, summaries)
     reference = reference or ("adamw" if "adamw" in runs else None)
     table = (_results_table(summaries) + (_paired_table(summaries, reference) if reference else "")
              + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
@@ -27,6 +32,27 @@ def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[st
     plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
     print(table, end="")
     print(f"\nresults: {out / 'results.md'}\nplots: {', '.join(str(p) for p in plots)}")
+
+
+def _experiment(summary: dict[str, Any]) -> tuple[Any, ...]:
+    """What must match for two runs' numbers to sit in one table: the footer states it once for all rows."""
+    corpus = summary.get("corpus", {})
+    return (summary.get("preset"), summary.get("steps"), summary.get("tokens"), corpus.get("name"),
+            str(corpus.get("content_hash", ""))[:12], str(summary.get("device", "")).split(":")[0],
+            summary.get("precision"))
+
+
+def _check_one_experiment(out: Path, summaries: dict[str, list[dict[str, Any]]]) -> None:
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, rows in summaries.items():
+        for r in rows:
+            groups.setdefault(_experiment(r), []).append(f"{name} {r['seed']}")
+    if len(groups) > 1:
+        fields = ("preset", "steps", "tokens", "corpus", "corpus hash", "device", "precision")
+        described = "; ".join(f"{', '.join(f'{f} {v}' for f, v in zip(fields, key))}: {', '.join(names)}"
+                              for key, names in groups.items())
+        raise MixedRunsError(f"{out} mixes runs of different experiments, which one table cannot compare "
+                             f"({described}); move the odd runs to another directory")
 
 
 def _summary_with_options(run_dir: Path) -> dict[str, Any]:
