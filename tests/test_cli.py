@@ -258,6 +258,8 @@ def test_compare_adds_to_a_directory_only_runs_of_the_same_experiment(
             "another --out") in one_line_error(capsys)
     assert main([*base, "--optimizers", "sage-hybrid", "--steps", "4", *data_args]) == 2
     assert "adamw-seed2 has steps 3 there, 4 now, tokens 768 there, 1024 now" in one_line_error(capsys)
+    assert main([*base, "--optimizers", "sage-hybrid", "--steps", "3", "--precision", "bf16", *data_args]) == 2
+    assert "precision fp32 there, bf16 now; use another --out, or --precision fp32 as" in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw-seed2", "ppl_vs_state.png", "results.md",
                                                           "val_loss.png"]
     # a later sitting adds an optimizer: the table covers every finished run in the directory

@@ -364,24 +364,31 @@ def _completed_runs(out: Path) -> dict[str, list[Path]]:
 
 def _check_same_experiment(out: Path, cfg: Any) -> None:
     """Refuse to add runs to a compare directory whose finished runs trained another experiment (preset, steps,
-    tokens, corpus): a table mixing them would compare corpora, not optimizers. The corpus is compared by the
+    tokens, corpus, device type, precision): a table mixing them would compare corpora, not optimizers. The corpus is compared by the
     name it resolves to here, because ``default`` means the full mix once `data prepare` ran and the embedded
     corpus before."""
     from .train.data import corpus_name
+    from .train.loop import resolve_device, resolve_precision
 
+    device = resolve_device(cfg.train.device)
     planned = {"preset": cfg.preset, "steps": cfg.train.steps, "tokens": cfg.train.steps * cfg.tokens_per_step,
-               "corpus": corpus_name(cfg.data.source, cache_dir=cfg.data.cache_dir)}
+               "corpus": corpus_name(cfg.data.source, cache_dir=cfg.data.cache_dir), "device": device.type,
+               # "auto" is bf16 on a CPU with AMX: a directory of fp32 runs continued there would mix them
+               "precision": resolve_precision(cfg.train.precision, device)}
     for dirs in _completed_runs(out).values():
         for run_dir in dirs:
             summary = json.loads((run_dir / "summary.json").read_text())
-            had = {**{k: summary.get(k) for k in ("preset", "steps", "tokens")},
-                   "corpus": summary.get("corpus", {}).get("name")}
+            had = {**{k: summary.get(k) for k in ("preset", "steps", "tokens", "precision")},
+                   "corpus": summary.get("corpus", {}).get("name"),
+                   "device": str(summary.get("device", "")).split(":")[0]}
             differ = [k for k in planned if planned[k] != had[k]]
             if differ:
                 what = ", ".join(f"{k} {had[k]} there, {planned[k]} now" for k in differ)
                 keyword = {"embedded-cc0": "embedded", "full": "full"}.get(had["corpus"])
                 hint = (f", or --data {keyword} to train on the corpus of the runs there"
                         if "corpus" in differ and keyword else "")
+                if "precision" in differ and had["precision"] in ("fp32", "bf16"):
+                    hint += f", or --precision {had['precision']} as the runs there"
                 raise UsageError(f"{out} holds runs of another experiment: {run_dir.name} has {what}; use "
                                  f"another --out{hint}")
 
