@@ -377,10 +377,7 @@ def _check_same_experiment(out: Path, cfg: Any) -> None:
                "precision": resolve_precision(cfg.train.precision, device)}
     for dirs in _completed_runs(out).values():
         for run_dir in dirs:
-            summary = json.loads((run_dir / "summary.json").read_text())
-            had = {**{k: summary.get(k) for k in ("preset", "steps", "tokens", "precision")},
-                   "corpus": summary.get("corpus", {}).get("name"),
-                   "device": str(summary.get("device", "")).split(":")[0]}
+            had = report.experiment(json.loads((run_dir / "summary.json").read_text()))
             differ = [k for k in planned if planned[k] != had[k]]
             if differ:
                 what = ", ".join(f"{k} {had[k]} there, {planned[k]} now" for k in differ)

