@@ -240,6 +240,17 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     wins = sum(d < 0 for d in diffs)
     assert f"| sage-hybrid | {statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} | " in table
     assert f"| 2 | {wins} of 2 |" in table
+    # the headline ranking: sorted by mean val ppl, the same paired difference, the step time of seed 2
+    ranking = table[:table.index("Every optimizer's step time")]
+    ppl = {name: statistics.fmean(json.loads((tmp_path / f"{name}-seed{seed}" / "summary.json").read_text())[
+        "val_ppl"] for seed in (2, 10)) for name in ("adamw", "sage-hybrid")}
+    ranked = [line.split(" | ")[0][2:] for line in ranking.splitlines()
+              if line.startswith("| ") and not line.startswith("| optimizer")]
+    assert ranked == sorted(ppl, key=ppl.__getitem__)
+    assert f"| {statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}, lower on {wins} of 2 |" in ranking
+    seed2 = json.loads((tmp_path / "adamw-seed2" / "summary.json").read_text())
+    assert "| s/step (seed 2) |" in ranking and "| — | " in ranking
+    assert f" | {seed2['train_time_s'] / seed2['steps']:.3f} | 2, 10 |" in ranking
     assert main(["plot", str(tmp_path), "--reference", "sage-hybrid"]) == 0
     assert f"| adamw | {-statistics.fmean(diffs):+.4f} ± " in (tmp_path / "results.md").read_text()
     assert main(["plot", str(tmp_path), "--reference", "lion"]) == 2

@@ -26,7 +26,8 @@ def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[st
     summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
     _check_one_experiment(out, summaries)
     reference = reference or ("adamw" if "adamw" in runs else None)
-    table = (_results_table(summaries) + (_paired_table(summaries, reference) if reference else "")
+    table = ((_ranking_table(summaries, reference) if reference else "") + _results_table(summaries)
+             + (_paired_table(summaries, reference) if reference else "")
              + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
     (out / "results.md").write_text(table, encoding="utf-8")
     plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
@@ -93,8 +94,7 @@ def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
         else:
             timing = f"{statistics.fmean(step_times):.3f} | {statistics.fmean(speeds):,.0f}"
         lines.append(
-            f"| {name} | {rows[0]['lr']:g}"
-            f"{''.join(f', {key} {_format_option(v)}' for key, v in sorted(rows[0].get('options', {}).items()))} "
+            f"| {name} | {_lr_and_options(rows[0])} "
             f"| {_mean_std([r['val_ppl'] for r in rows])} "
             f"| {_mean_std([r['test_ppl'] for r in rows])} | {human_bytes(rows[0]['state_bytes'])} "
             f"| {timing} | {', '.join(str(r['seed']) for r in rows)} |")
@@ -106,16 +106,67 @@ def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n" + footer + _devices_line(summaries)
 
 
+def _paired_differences(runs: list[dict[str, Any]], reference_runs: list[dict[str, Any]]) -> list[float]:
+    """Final val loss minus the reference's on the same seed, for each seed both ran (in ``runs``' order)."""
+    baseline = {r["seed"]: r["val_loss"] for r in reference_runs}
+    return [r["val_loss"] - baseline[r["seed"]] for r in runs if r["seed"] in baseline]
+
+
+def _ranking_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -> str:
+    """Markdown: the headline table, one row per optimizer sorted by mean val ppl (diverged last), with the
+    difference from the reference paired by seed and the step time of one seed every optimizer ran.
+
+    Step times compare only between runs of one machine; the seed they come from is one seed, not a mean, so
+    that a table built over several sittings still has a column whose runs mostly shared a machine."""
+    common = set.intersection(*({r["seed"] for r in rows} for rows in summaries.values()))
+    timing_seed = min(common) if common else None
+
+    def mean_ppl(rows: list[dict[str, Any]]) -> float:
+        ppl = [r["val_ppl"] for r in rows]
+        return statistics.fmean(ppl) if all(math.isfinite(v) for v in ppl) else math.inf
+
+    lines = [f"| optimizer | lr (and options) | val ppl | test ppl | val loss − {reference}'s (paired) "
+             f"| state bytes |{f' s/step (seed {timing_seed}) |' if timing_seed is not None else ''} seeds |",
+             "|---|---|---|---|---|---|" + ("---|" if timing_seed is not None else "") + "---|"]
+    for name, rows in sorted(summaries.items(), key=lambda item: mean_ppl(item[1])):
+        diffs = _paired_differences(rows, summaries[reference])
+        if name == reference:
+            paired = "—"
+        elif not diffs:
+            paired = "no common seed"
+        elif not all(math.isfinite(d) for d in diffs):
+            paired = "diverged"
+        else:
+            paired = (f"{_mean_std(diffs, 3, signed=True)}, lower on {sum(d < 0 for d in diffs)} "
+                      f"of {len(diffs)}")
+        timing = ""
+        if timing_seed is not None:
+            run = next(r for r in rows if r["seed"] == timing_seed)
+            timing = f" {run['train_time_s'] / max(run['steps'], 1):.3f} |"
+        lines.append(f"| {name} | {_lr_and_options(rows[0])} | {_mean_std([r['val_ppl'] for r in rows])} "
+                     f"| {_mean_std([r['test_ppl'] for r in rows])} | {paired} "
+                     f"| {human_bytes(rows[0]['state_bytes'])} |{timing} {', '.join(str(r['seed']) for r in rows)} |")
+    return (f"Ranking by mean final validation perplexity (mean ± sample std over seeds; the difference from "
+            f"{reference} is paired by seed):\n\n" + "\n".join(lines)
+            + "\n\nEvery optimizer's step time and throughput (each seed's where the seeds ran on different "
+              "machines):\n\n")
+
+
+def _lr_and_options(summary: dict[str, Any]) -> str:
+    """'0.001' or '0.000632, embed_lr 0.0001': the lr and the optimizer options a run was given."""
+    return f"{summary['lr']:g}" + "".join(f", {key} {_format_option(v)}"
+                                          for key, v in sorted(summary.get("options", {}).items()))
+
+
 def _paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -> str:
     """Markdown: each optimizer's final val loss minus the reference's on the same seed.
 
     A seed fixes initialisation and data order, so most of a run's seed-to-seed spread is shared by every
     optimizer on that seed; the paired difference is the honest error bar for "A beats B" (a difference
     smaller than the unpaired stds can still hold on every seed, and the other way round)."""
-    baseline = {r["seed"]: r["val_loss"] for r in summaries[reference]}
     rows = []
     for name, runs in summaries.items():
-        diffs = [r["val_loss"] - baseline[r["seed"]] for r in runs if r["seed"] in baseline]
+        diffs = _paired_differences(runs, summaries[reference])
         if name == reference or not diffs:
             continue
         if not all(math.isfinite(d) for d in diffs):
