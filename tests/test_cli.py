@@ -257,6 +257,22 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     assert "--reference lion is not among the optimizers compared (adamw, sage-hybrid)" in one_line_error(capsys)
 
 
+def test_the_ranking_puts_diverged_runs_last_and_times_only_a_seed_every_optimizer_ran() -> None:
+    from sage_optim.train.report import _ranking_table
+
+    def run(seed: int, val_loss: float) -> dict:
+        return {"seed": seed, "val_loss": val_loss, "val_ppl": math.exp(val_loss), "test_ppl": math.exp(val_loss),
+                "lr": 1e-3, "state_bytes": 100, "train_time_s": 10.0, "steps": 5}
+
+    table = _ranking_table({"diverged": [run(1, math.inf)], "adamw": [run(1, 4.0), run(2, 4.2)],
+                            "other-seed": [run(3, 3.0)], "better": [run(1, 3.5), run(2, 3.9)]}, "adamw")
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "optimizer" not in line]
+    assert [r[0][2:] for r in rows] == ["other-seed", "better", "adamw", "diverged"]
+    assert "s/step" not in table  # no seed is common to all four: one seed's step time would compare nothing
+    assert rows[0][4] == "no common seed" and rows[3][4] == "diverged" and rows[2][4] == "—"
+    assert rows[1][4] == f"{statistics.fmean([-0.5, -0.3]):+.3f} ± {statistics.stdev([-0.5, -0.3]):.3f}, lower on 2 of 2"
+
+
 def test_compare_adds_to_a_directory_only_runs_of_the_same_experiment(
         tmp_path: Path, data_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     base = ["compare", "--preset", "cpu-tiny", "--seeds", "2", "--out", str(tmp_path)]
