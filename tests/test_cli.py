@@ -270,7 +270,8 @@ def test_the_ranking_puts_diverged_runs_last_and_times_only_a_seed_every_optimiz
     assert [r[0][2:] for r in rows] == ["other-seed", "better", "adamw", "diverged"]
     assert "s/step" not in table  # no seed is common to all four: one seed's step time would compare nothing
     assert rows[0][4] == "no common seed" and rows[3][4] == "diverged" and rows[2][4] == "—"
-    assert rows[1][4] == f"{statistics.fmean([-0.5, -0.3]):+.3f} ± {statistics.stdev([-0.5, -0.3]):.3f}, lower on 2 of 2"
+    diffs = [-0.5, -0.3]
+    assert rows[1][4] == f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}, lower on 2 of 2"
 
 
 def test_compare_adds_to_a_directory_only_runs_of_the_same_experiment(

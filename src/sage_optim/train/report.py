@@ -26,8 +26,10 @@ def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[st
     summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
     _check_one_experiment(out, summaries)
     reference = reference or ("adamw" if "adamw" in runs else None)
-    table = ((_ranking_table(summaries, reference) if reference else "") + _results_table(summaries)
-             + (_paired_table(summaries, reference) if reference else "")
+    # note: with a ranking above it, the per-optimizer table needs a caption saying what it adds (timing)
+    ranking = (_ranking_table(summaries, reference) + "\nEvery optimizer's step time and throughput (each seed's "
+               "where the seeds ran on different machines):\n\n") if reference else ""
+    table = (ranking + _results_table(summaries) + (_paired_table(summaries, reference) if reference else "")
              + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
     (out / "results.md").write_text(table, encoding="utf-8")
     plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
@@ -86,7 +88,7 @@ def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     mixed = False
     for name, rows in summaries.items():
-        step_times = [r["train_time_s"] / max(r["steps"], 1) for r in rows]
+        step_times = [_seconds_per_step(r) for r in rows]
         speeds = [r["tokens_per_s"] for r in rows]
         if len({r.get("device_name") for r in rows}) > 1:  # a mean over two machines measures neither
             mixed = True
@@ -104,6 +106,11 @@ def _results_table(summaries: dict[str, list[dict[str, Any]]]) -> str:
               f"{first['precision']}. Perplexities: mean ± sample std over seeds"
               f"{_PER_SEED_TIMING if mixed else ''}.\n")
     return "\n".join(lines) + "\n" + footer + _devices_line(summaries)
+
+
+def _seconds_per_step(summary: dict[str, Any]) -> float:
+    """A run's whole training step (forward, backward, optimizer) in seconds, from its summary.json."""
+    return summary["train_time_s"] / max(summary["steps"], 1)
 
 
 def _paired_differences(runs: list[dict[str, Any]], reference_runs: list[dict[str, Any]]) -> list[float]:
@@ -141,15 +148,12 @@ def _ranking_table(summaries: dict[str, list[dict[str, Any]]], reference: str) -
                       f"of {len(diffs)}")
         timing = ""
         if timing_seed is not None:
-            run = next(r for r in rows if r["seed"] == timing_seed)
-            timing = f" {run['train_time_s'] / max(run['steps'], 1):.3f} |"
+            timing = f" {_seconds_per_step(next(r for r in rows if r['seed'] == timing_seed)):.3f} |"
         lines.append(f"| {name} | {_lr_and_options(rows[0])} | {_mean_std([r['val_ppl'] for r in rows])} "
                      f"| {_mean_std([r['test_ppl'] for r in rows])} | {paired} "
                      f"| {human_bytes(rows[0]['state_bytes'])} |{timing} {', '.join(str(r['seed']) for r in rows)} |")
     return (f"Ranking by mean final validation perplexity (mean ± sample std over seeds; the difference from "
-            f"{reference} is paired by seed):\n\n" + "\n".join(lines)
-            + "\n\nEvery optimizer's step time and throughput (each seed's where the seeds ran on different "
-              "machines):\n\n")
+            f"{reference} is paired by seed):\n\n" + "\n".join(lines) + "\n")
 
 
 def _lr_and_options(summary: dict[str, Any]) -> str:
