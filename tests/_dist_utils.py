@@ -126,7 +126,7 @@ def _make_optimizer(kind: str, params: Any, **extra: Any) -> Any:
 
 
 def _raw_parity(kind: str, shapes: list[tuple[int, ...]], *, foreach: Optional[bool], steps: int = 5,
-                verify: bool = False, fused: Optional[bool] = None) -> dict[str, Any]:
+                verify: bool = False, fused: Optional[bool] = None, **extra: Any) -> dict[str, Any]:
     """Raw DTensor parameters ``distribute_tensor(..., [Shard(0)])`` against plain tensors."""
     import torch
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -139,8 +139,8 @@ def _raw_parity(kind: str, shapes: list[tuple[int, ...]], *, foreach: Optional[b
     sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
     names = [f"p{i}{tuple(s)}" for i, s in enumerate(shapes)]
     # the reference is the plain for-loop/foreach path; ``fused`` selects the sharded run's path
-    ref_opt = _make_optimizer(kind, list(zip(names, plain)), foreach=foreach, fused=False)
-    opt = _make_optimizer(kind, list(zip(names, sharded)), foreach=foreach, fused=fused)
+    ref_opt = _make_optimizer(kind, list(zip(names, plain)), foreach=foreach, fused=False, **extra)
+    opt = _make_optimizer(kind, list(zip(names, sharded)), foreach=foreach, fused=fused, **extra)
     verifier = verify_step(opt, every=1) if verify else None
     collectives = []
     for step in range(steps):
@@ -296,6 +296,41 @@ def raw_fused(args: dict[str, Any]) -> Any:
     return out
 
 
+# 8-bit momentum blocks are 256 elements of a row: (5, 300) and (3, 513) have several per row, and (700,)
+# is one row of three blocks whose middle one, [256, 512), the 2-rank split at 350 cuts in two.
+INT8_SHAPES = MATRIX_SHAPES + VECTOR_SHAPES + [(5, 300), (700,), (3, 513)]
+
+
+@scenario
+def raw_int8(args: dict[str, Any]) -> Any:
+    """state_dtype="int8" on Shard(0) DTensors: the same codes, block maxima and parameters as one process."""
+    import os
+
+    import torch
+
+    torch.manual_seed(0)  # the momenta's rounding seeds derive from torch's seed: alike on every rank
+    out = {}
+    for kind in ("sage", "lion"):
+        for foreach in (None, False):
+            out[f"{kind} foreach={foreach}"] = _raw_parity(kind, INT8_SHAPES, foreach=foreach, state_dtype="int8")
+        before = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"  # CPU tensors: the C kernel (its shard's index offset)
+        try:
+            out[f"{kind} fused"] = _raw_parity(kind, INT8_SHAPES, foreach=None, fused=True, steps=3,
+                                               state_dtype="int8")
+        finally:
+            os.environ.pop("TRITON_INTERPRET") if before is None else os.environ.update(TRITON_INTERPRET=before)
+    return out
+
+
+@scenario
+def llama_int8(args: dict[str, Any]) -> Any:
+    """SinkSAGE with an 8-bit momentum on a FSDP2 Llama (its norm gains are sharded vectors), checked by
+    verify_step too."""
+    return {"untied": _llama_parity(tied=False, state_dtype="int8"),
+            "tied verified": _llama_parity(tied=True, steps=3, verify=True, state_dtype="int8")}
+
+
 @scenario
 def llama_sinksage(args: dict[str, Any]) -> Any:
     return {"tied": _llama_parity(tied=True), "untied": _llama_parity(tied=False),
@@ -343,7 +378,8 @@ def reduction_skipped(args: dict[str, Any]) -> Any:
 
 @scenario
 def tp_refused(args: dict[str, Any]) -> Any:
-    """Shard(1) (a tensor-parallel layout) must be refused by SAGE and SinkGD, and is exact for Lion."""
+    """Shard(1) (a tensor-parallel layout) must be refused by SAGE and SinkGD, and is exact for Lion (not with
+    an 8-bit momentum)."""
     import torch
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -363,6 +399,13 @@ def tp_refused(args: dict[str, Any]) -> Any:
             out[kind] = {"error": None, "rel_err": _rel_err(weight.full_tensor(), plain)}
         except ValueError as err:
             out[kind] = {"error": str(err), "unchanged": _rel_err(weight.full_tensor(), plain)}
+    # an 8-bit momentum keeps blocks along rows, so even Lion needs whole rows: refused when it is built
+    weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    try:
+        _make_optimizer("lion", [("blocks.0.attn.q_proj.weight", weight)], state_dtype="int8")
+        out["lion int8"] = {"error": None}
+    except ValueError as err:
+        out["lion int8"] = {"error": str(err)}
     return out
 
 
@@ -477,15 +520,16 @@ def ddp_plain(args: dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints (DCP)
-def _dcp_model(sharded: bool) -> tuple[Any, Any]:
+def _dcp_model(sharded: bool, state_dtype: str) -> tuple[Any, Any]:
     from sage_optim import SinkSAGE
     from sage_optim.distributed import apply_fsdp2
 
     model = _llama(tied=True)
     if sharded:
         apply_fsdp2(model, mesh=_mesh())
-    # bf16 momentum: torch's load_state_dict would cast it to the parameter's fp32; ours keeps it
-    return model, SinkSAGE(model, lr=3e-3, state_dtype="bfloat16")
+    # bf16 momentum: torch's load_state_dict would cast it to the parameter's fp32; ours keeps it. int8: codes,
+    # block maxima sharded by rows (matrices) or replicated (vectors), and the rounding seed
+    return model, SinkSAGE(model, lr=3e-3, state_dtype=state_dtype)
 
 
 def _dcp_load(model: Any, opt: Any, path: str) -> None:
@@ -532,7 +576,7 @@ def _snapshot(model: Any, opt: Any) -> dict[str, Any]:
 @scenario
 def dcp_save_sharded(args: dict[str, Any]) -> Any:
     """2 ranks: train 3 steps, save with DCP, then take step 4 (the reference next step)."""
-    model, opt = _dcp_model(sharded=True)
+    model, opt = _dcp_model(sharded=True, state_dtype=args["state_dtype"])
     _train(model, opt, range(3))
     _dcp_save(model, opt, args["ckpt_a"])
     _train(model, opt, range(3, 4))
@@ -542,7 +586,7 @@ def dcp_save_sharded(args: dict[str, Any]) -> Any:
 @scenario
 def dcp_load_single(args: dict[str, Any]) -> Any:
     """1 rank, plain model: load the 2-rank checkpoint, save it again, take step 4."""
-    model, opt = _dcp_model(sharded=False)
+    model, opt = _dcp_model(sharded=False, state_dtype=args["state_dtype"])
     _dcp_load(model, opt, args["ckpt_a"])
     _dcp_save(model, opt, args["ckpt_b"])
     _train(model, opt, range(3, 4))
@@ -552,7 +596,7 @@ def dcp_load_single(args: dict[str, Any]) -> Any:
 @scenario
 def dcp_load_sharded(args: dict[str, Any]) -> Any:
     """2 ranks again: load the 1-rank checkpoint, take step 4."""
-    model, opt = _dcp_model(sharded=True)
+    model, opt = _dcp_model(sharded=True, state_dtype=args["state_dtype"])
     _dcp_load(model, opt, args["ckpt_b"])
     _train(model, opt, range(3, 4))
     return _snapshot(model, opt)

@@ -23,7 +23,8 @@ from _dist_utils import MATRIX_SHAPES, TOLERANCE, VECTOR_SHAPES, launch, result
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 ROOT = Path(__file__).resolve().parents[1]
-PARITY_SCENARIOS = ["raw_sage", "raw_sage_code_compat", "raw_sinkgd", "raw_fused", "llama_sinksage", "llama_verify_step",
+PARITY_SCENARIOS = ["raw_sage", "raw_sage_code_compat", "raw_sinkgd", "raw_fused", "raw_int8", "llama_sinksage",
+                    "llama_int8", "llama_verify_step",
                     "reduction_skipped", "tp_refused", "two_shard_groups_refused", "nonfinite_agree", "ddp_plain"]
 
 
@@ -84,6 +85,30 @@ def test_sinksage_on_fsdp2_llama_matches_single_process_tied_and_untied(two_rank
     assert tied_roles == {"embedding", "vector", "hidden"}  # the tied head is the embedding, stepped once
     assert {g["role"] for g in runs["untied"]["groups"]} == {"embedding", "head", "vector", "hidden"}
     assert_ranks_agree(two_ranks, "llama_sinksage")
+
+
+def test_int8_momentum_on_shard0_dtensors_stores_the_codes_one_process_would(two_ranks) -> None:
+    # exact parity of the codes is what TOLERANCE asks of them: one code step is a relative error of ~1/127
+    runs = result(two_ranks, "raw_int8")
+    assert set(runs) == {f"{k} {p}" for k in ("sage", "lion") for p in ("foreach=None", "foreach=False", "fused")}
+    for label, run in runs.items():
+        assert {"p13(700,).exp_avg", "p13(700,).exp_avg_absmax", "p12(5, 300).exp_avg_absmax"} \
+            <= set(run["state_rel_err"]), label
+        assert_parity(run, f"int8 {label}")
+        assert all(step == run["planned"] for step in run["collectives"]), label
+        # the vectors' block maxima travel in one max all-reduce per group: 1 + 1 + 1 + 1 + 3 blocks
+        assert run["collectives"][0][-1][:2] == ["all_reduce", 7], label
+    assert_ranks_agree(two_ranks, "raw_int8")
+
+
+def test_sinksage_int8_on_fsdp2_llama_matches_single_process_and_passes_verify_step(two_ranks) -> None:
+    runs = result(two_ranks, "llama_int8")
+    for label, run in runs.items():
+        assert_parity(run, f"LlamaForCausalLM int8 {label}")
+        assert run["moved"] > 1e-3
+        assert all(step == run["planned"] for step in run["collectives"]), label
+    assert runs["tied verified"]["verified"], "verify_step checked nothing"
+    assert_ranks_agree(two_ranks, "llama_int8")
 
 
 # ---------------------------------------------------------------------------------------- communication
@@ -156,6 +181,8 @@ def test_tensor_parallel_placement_is_refused_with_the_parameter_name(two_ranks)
         assert "Replicate or Shard(0)" in message
         assert runs[kind]["unchanged"] == 0.0  # refused before anything moved
     assert runs["lion"]["error"] is None and runs["lion"]["rel_err"] == 0.0  # element-wise: exact
+    message = runs["lion int8"]["error"]
+    assert message and "blocks.0.attn.q_proj.weight" in message and "whole rows" in message
 
 
 def test_one_group_sharded_over_two_process_groups_is_refused(two_ranks) -> None:
@@ -171,8 +198,10 @@ def test_nonfinite_gradient_on_one_rank_skips_or_raises_on_every_rank(two_ranks)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def test_dcp_checkpoint_saved_on_2_ranks_loads_on_1_and_back_with_the_same_next_step(tmp_path: Path) -> None:
-    ckpt = {"ckpt_a": str(tmp_path / "two_ranks"), "ckpt_b": str(tmp_path / "one_rank")}
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_dcp_checkpoint_saved_on_2_ranks_loads_on_1_and_back_with_the_same_next_step(tmp_path: Path,
+                                                                                     state_dtype: str) -> None:
+    ckpt = {"ckpt_a": str(tmp_path / "two_ranks"), "ckpt_b": str(tmp_path / "one_rank"), "state_dtype": state_dtype}
     saved = result(launch(2, ["dcp_save_sharded"], tmp_path / "save", args=ckpt), "dcp_save_sharded")
     single = result(launch(1, ["dcp_load_single"], tmp_path / "single", args=ckpt), "dcp_load_single")
     again = result(launch(2, ["dcp_load_sharded"], tmp_path / "again", args=ckpt), "dcp_load_sharded")
@@ -190,8 +219,12 @@ def test_dcp_checkpoint_saved_on_2_ranks_loads_on_1_and_back_with_the_same_next_
                 got = run["state_layout"][name][key]
                 assert got[:2] == [dtype, shape], f"{label}: {name}.{key}"
                 assert abs(got[2] - total) <= 1e-5 * max(1.0, abs(total)), f"{label}: {name}.{key}"
-    assert saved["state_layout"]["model.embed_tokens.weight"]["exp_avg"][0] == "torch.bfloat16"
-    assert saved["state_layout"]["model.embed_tokens.weight"]["step"][2] == 4.0
+    embedding = saved["state_layout"]["model.embed_tokens.weight"]
+    assert embedding["exp_avg"][0] == f"torch.{state_dtype}"
+    assert embedding["step"][2] == 4.0
+    if state_dtype == "int8":  # vocab 101 × d 32: one block per row; a norm gain (32,): one block
+        assert embedding["exp_avg_absmax"][:2] == ["torch.float32", [101, 1]]
+        assert saved["state_layout"]["model.norm.weight"]["exp_avg_absmax"][:2] == ["torch.float32", [1, 1]]
 
 
 def test_init_optimizer_state_lets_dcp_build_a_state_dict_without_stepping() -> None:
@@ -300,7 +333,8 @@ def test_fsdp2_torchrun_example_trains_on_two_cpu_ranks(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- world size 4
 @pytest.mark.slow
 def test_four_ranks_match_single_process_including_2d_meshes_and_hsdp(tmp_path: Path) -> None:
-    scenarios = ["raw_sage", "raw_sinkgd", "llama_sinksage", "mesh_2d", "llama_hsdp"]
+    # raw_int8 on 4 ranks: the 700-vector is cut at 175, 350 and 525, inside blocks 0, 1 and 2
+    scenarios = ["raw_sage", "raw_sinkgd", "raw_int8", "llama_sinksage", "mesh_2d", "llama_hsdp"]
     results = launch(4, scenarios, tmp_path, timeout=420)
     for scenario in scenarios:
         for label, run in result(results, scenario).items():

@@ -174,11 +174,33 @@ def test_int8_is_refused_where_it_does_not_apply():
     w = torch.nn.Parameter(torch.randn(4, 4))
     with pytest.raises(ValueError, match="state_dtype int8 is for the sign rules"):
         so.SinkSAGE([{"params": [w], "rule": "adamw"}], state_dtype=torch.int8)
-    from sage_optim.optim._rules import RULES, ShardInfo
 
-    group = dict(RULES["lion"].defaults, state_dtype="int8", params=[w])
-    with pytest.raises(NotImplementedError, match="int8 on dim-0-sharded"):
-        RULES["lion"].step(group, [w], [torch.ones(4, 4)], [{}], ShardInfo(sharded=[True]))
+
+@pytest.mark.parametrize("cut", [1, 255, 256, 350, 511, 699])
+def test_int8_vector_stored_in_slices_matches_the_whole_vector(cut):
+    """A dim-0 shard of a vector holds parts of blocks: storing each slice against the slices' combined block
+    maxima gives the codes and maxima of one store of the whole vector (test_distributed.py runs it sharded)."""
+    from sage_optim.functional._quant import (absmax_shape, dequantize_into, dequantize_slice_into, quantize_,
+                                              quantize_slice_, slice_block_maxima)
+
+    values = torch.randn(700, generator=torch.Generator().manual_seed(cut)) * torch.linspace(0.01, 3, 700)
+    blocks = absmax_shape(values.shape)[1]
+    codes = torch.zeros(1, 700, dtype=torch.int8)
+    absmax = torch.zeros(1, blocks)
+    quantize_(codes, absmax, values.clone().view(1, -1), key=12345)
+    parts = [(0, values[:cut]), (cut, values[cut:])]
+    maxima = torch.stack([slice_block_maxima(v, blocks, first) for first, v in parts]).amax(0)
+    sliced_absmax = maxima.view(1, -1)
+    sliced = [torch.zeros(v.numel(), dtype=torch.int8) for _, v in parts]
+    for out, (first, v) in zip(sliced, parts):
+        quantize_slice_(out, sliced_absmax, v.clone(), key=12345, first_index=first)
+    assert torch.equal(sliced_absmax, absmax)
+    assert torch.equal(torch.cat(sliced), codes[0])
+    whole = dequantize_into(torch.empty(1, 700), codes, absmax)[0]
+    decoded = torch.cat([dequantize_slice_into(torch.empty(v.numel()), c, absmax, first)
+                         for c, (first, v) in zip(sliced, parts)])
+    assert torch.equal(decoded, whole)
+
 
 
 def test_int8_state_does_not_consume_torchs_random_numbers():

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..functional._common import AllReduceSum  # noqa: F401  (re-exported type)
-from ._collectives import (Collective, all_reduce_flag, check_grad_layout, common_key, is_dtensor, layout_of,
-                           make_all_reduce, mesh_groups, record_collectives)
+from ._collectives import (Collective, all_reduce_flag, check_grad_layout, common_key, first_flat_index, is_dtensor,
+                           layout_of, make_all_reduce, mesh_groups, record_collectives)
 from .checkpoint import init_optimizer_state
 from .fsdp import DistEnv, apply_fsdp2, init_from_env
 from .plan import plan_collectives
@@ -24,6 +24,7 @@ from .verify import StepVerifier, verify_step
 
 __all__ = [
     "prepare",
+    "first_flat_index",
     "local_state",
     "local_device",
     "is_dtensor",
@@ -83,9 +84,12 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
     return all_reduce_flag(finite, groups, device)
 
 
-def prepare(params: list[Tensor], grads: list[Tensor], names: list[str], rule: Any) -> tuple[list[Tensor], list[Tensor], Any]:
+def prepare(params: list[Tensor], grads: list[Tensor], names: list[str], rule: Any, *,
+            row_blocks: bool = False) -> tuple[list[Tensor], list[Tensor], Any]:
     """Local tensors for the functional layer plus how they are sharded (nothing, for plain tensors).
 
+    ``row_blocks``: the group keeps state in blocks along rows (8-bit momentum), so the step also needs each
+    shard's flat offset in its whole tensor and a max all-reduce over the shard group (element-wise rules too).
     Raises ``ValueError`` naming the parameter for a placement the rule cannot reduce exactly, for a
     gradient laid out differently from its parameter, and for one group sharded over two process groups.
     """
@@ -102,15 +106,19 @@ def prepare(params: list[Tensor], grads: list[Tensor], names: list[str], rule: A
                        else None)
     local_params = [p.to_local() if is_dtensor(p) else p for p in params]
     local_grads = [g.to_local() if is_dtensor(g) else g for g in grads]
-    if not rows_reduced:
+    if not rows_reduced and not row_blocks:
         return local_params, local_grads, ShardInfo()  # element-wise: each shard is self-contained
     shared = common_key(layouts, names)
     if shared is None:
         return local_params, local_grads, ShardInfo()  # only replicated DTensors
     sharded = [layout is not None and layout.sharded for layout in layouts]
     global_shapes = [tuple(p.shape) for p in params]  # a DTensor's shape is the global one
-    return local_params, local_grads, ShardInfo(all_reduce=make_all_reduce(shared.groups), sharded=sharded,
-                                                global_shapes=global_shapes)
+    info = ShardInfo(all_reduce=make_all_reduce(shared.groups) if rows_reduced else None, sharded=sharded,
+                     global_shapes=global_shapes)
+    if row_blocks:
+        info.offsets = [first_flat_index(p, name) for p, name in zip(params, names)]
+        info.all_reduce_max = make_all_reduce(shared.groups, op="max")
+    return local_params, local_grads, info
 
 
 def local_state(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -8,6 +8,7 @@ iteration of a same-shape chunk (SinkGD), whatever the number of parameters.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -16,7 +17,8 @@ from torch import Tensor
 
 from ..functional._common import AllReduceSum
 
-__all__ = ["Collective", "record_collectives", "ShardLayout", "layout_of", "make_all_reduce", "all_reduce_flag"]
+__all__ = ["Collective", "record_collectives", "ShardLayout", "layout_of", "make_all_reduce", "all_reduce_flag",
+           "first_flat_index"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -125,6 +127,23 @@ def layout_of(t: Tensor, name: str, *, rows_reduced: bool, rule: str) -> ShardLa
     return ShardLayout(tuple(groups), tuple(key))
 
 
+def first_flat_index(t: Tensor, name: str) -> int:
+    """The flat index, in the whole tensor, of the first element of ``t``'s local shard (0 for plain tensors).
+
+    Only for layouts whose shards hold whole rows (``Replicate``, ``Shard(0)``); any other split is refused
+    with ``ValueError`` naming the parameter."""
+    if not is_dtensor(t):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if t.ndim >= 2 and tuple(local_shape[1:]) != tuple(t.shape[1:]):
+        raise ValueError(f"{name} has placements {tuple(t.placements)}: its shards split rows, but an 8-bit "
+                         "momentum is kept in blocks along rows and needs whole rows on every shard. Shard it "
+                         "on dim 0 only (fully_shard), or give it state_dtype=torch.bfloat16")
+    return int(offset[0]) * math.prod(t.shape[1:]) if t.ndim else 0
+
+
 def check_grad_layout(param: Tensor, grad: Tensor, name: str) -> None:
     """The gradient must be laid out as its parameter (FSDP2 guarantees it; hand-set gradients may not)."""
     if is_dtensor(param) != is_dtensor(grad):
@@ -140,13 +159,19 @@ def check_grad_layout(param: Tensor, grad: Tensor, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- reductions
-def make_all_reduce(groups: Sequence[Any]) -> AllReduceSum:
-    """An ``AllReduceSum`` over ``groups`` (several only for a dim 0 split over several mesh dims).
+def make_all_reduce(groups: Sequence[Any], op: str = "sum") -> AllReduceSum:
+    """An ``AllReduceSum`` over ``groups`` (several only for a dim 0 split over several mesh dims); with
+    ``op="max"`` it takes the element-wise maximum instead of the sum.
 
-    The listed tensors are packed into one flat buffer per dtype, summed in one collective per group,
+    The listed tensors are packed into one flat buffer per dtype, reduced in one collective per group,
     and copied back in place; a single contiguous tensor is reduced where it lies.
     """
+    import torch.distributed as dist
+
     groups = tuple(groups)
+    if op not in ("sum", "max"):
+        raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
+    reduce_op = dist.ReduceOp.MAX if op == "max" else None  # None: _all_reduce's default, the sum
 
     def all_reduce_sum(tensors: list[Tensor]) -> None:
         by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
@@ -158,7 +183,7 @@ def make_all_reduce(groups: Sequence[Any]) -> AllReduceSum:
             else:
                 flat = torch.cat([t.reshape(-1) for t in same])
             for group in groups:
-                _all_reduce(flat, group)
+                _all_reduce(flat, group, reduce_op)
             if flat is same[0] and len(same) == 1:
                 continue
             offset = 0

@@ -13,6 +13,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..functional._common import chunks_by_numel, compute_dtype, group_by_key
+from ..functional._quant import absmax_shape
 from ._collectives import Collective
 
 __all__ = ["plan_collectives"]
@@ -30,7 +31,8 @@ def _sage_statistic_dtype(param_dtype: torch.dtype, ndim: int) -> torch.dtype:
 def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
                      fused: Optional[bool] = None) -> list[Collective]:
     """The all-reduces one step issues when every parameter is a ``Shard(0)`` DTensor on one 1-D mesh
-    and has a gradient (payload per collective; a ring all-reduce moves about twice that per rank).
+    and has a gradient (payload per collective; a ring all-reduce moves about twice that per rank). Sums,
+    except the finite-gradient flag's and an 8-bit momentum's vector block maxima (max).
 
     Args:
         optimizer: a sage-optim optimizer (its groups' ``rule``, ``iters`` and parameters' shapes are read;
@@ -47,7 +49,12 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
     for group in optimizer.param_groups:
         rule = RULES[group["rule"]]
         params = list(group["params"])
+        # an 8-bit momentum's vectors: one max all-reduce of every vector's block maxima, after the step's others
+        int8_vectors = [Collective("all_reduce", sum(absmax_shape(p.shape)[1] for p in params if p.ndim == 1),
+                                   torch.float32, "mesh")] \
+            if group.get("state_dtype") == "int8" and any(p.ndim == 1 for p in params) else []
         if not params or not rule.reduces_over_rows:
+            plan.extend(int8_vectors)
             continue
         batched = (group.get("foreach") if group.get("foreach") is not None else True) if foreach is None else foreach
         use_fused = uses_fused(group, params) if fused is None else fused
@@ -59,6 +66,7 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
                 dtype = _sage_statistic_dtype(p.dtype, p.ndim)
                 sizes[dtype] = sizes.get(dtype, 0) + n
             plan.extend(Collective("all_reduce", n, dtype, "mesh") for dtype, n in sizes.items())
+            plan.extend(int8_vectors)
         elif rule.name == "sinkgd":
             iters = int(group["iters"])
             cols = [math.prod(p.shape[1:]) for p in params]

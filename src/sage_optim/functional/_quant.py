@@ -31,7 +31,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["QUANT_BLOCK", "LEVELS", "absmax_shape", "dequantize_into", "quantize_", "rounding_key", "hash32"]
+__all__ = ["QUANT_BLOCK", "LEVELS", "absmax_shape", "dequantize_into", "quantize_", "rounding_key", "hash32",
+           "dequantize_slice_into", "slice_block_maxima", "quantize_slice_"]
 
 QUANT_BLOCK = 256
 LEVELS = 127
@@ -102,9 +103,50 @@ def quantize_(codes: Tensor, absmax: Tensor, values: Tensor, key: int, first_ind
     # t = |m| / a ∈ [0, 1], with a as stored (float32): the decoded block maximum is then exactly a
     stored = absmax.to(magnitude.dtype)
     _per_block(magnitude, torch.where(stored > 0, stored, torch.ones_like(stored)), "div")
-    lower = magnitude.sqrt().mul_(LEVELS).floor_().clamp_(max=LEVELS)  # k with (k/127)² ≤ t (up to rounding)
+    _store_ratios(codes, magnitude, sign, key, first_index)
+
+
+def _store_ratios(codes: Tensor, ratio: Tensor, sign: Tensor, key: int, first_index: int) -> None:
+    """``codes`` ← sign · k, k rounded stochastically between the code values around t = ``ratio`` (= |m| / a,
+    overwritten as scratch): up to k + 1 with probability (t − (k/127)²) / (((k+1)/127)² − (k/127)²)."""
+    lower = ratio.sqrt().mul_(LEVELS).floor_().clamp_(max=LEVELS)  # k with (k/127)² ≤ t (up to rounding)
     low_value = (lower / LEVELS).square_()
     step = ((lower + 1) / LEVELS).square_().sub_(low_value)
-    up = magnitude.sub_(low_value).div_(step)  # where t lies between the two code values, in [0, 1)
+    up = ratio.sub_(low_value).div_(step)  # where t lies between the two code values, in [0, 1)
     up = uniform(key, first_index, up.shape, up.device).to(up.dtype) < up
     codes.copy_(lower.add_(up).clamp_(max=LEVELS).mul_(sign))
+
+
+# ---------------------------------------------------------------------------------------- vector shards
+# A vector is one row of blocks, so a dim-0 shard of it (FSDP2) can hold parts of blocks whose other parts
+# lie on other ranks. Its shard keeps the codes of its elements and the *whole* vector's block maxima
+# (replicated, 1/256 of the vector); storing takes one all-reduce (max) of the blocks' local maxima. The
+# operations per element are the ones above, so a sharded run stores the codes one process would.
+def _slice_blocks(first_index: int, numel: int, device: torch.device) -> Tensor:
+    """The block of each element ``first_index``, ..., ``first_index + numel - 1`` of a vector."""
+    return torch.arange(first_index, first_index + numel, device=device).div_(QUANT_BLOCK, rounding_mode="floor")
+
+
+def dequantize_slice_into(out: Tensor, codes: Tensor, absmax: Tensor, first_index: int) -> Tensor:
+    """:func:`dequantize_into` for a slice of a vector: ``out``, ``codes`` 1-D, starting at element
+    ``first_index``; ``absmax`` (1, blocks) the whole vector's block maxima."""
+    out.copy_(codes)
+    out.mul_(out.abs()).div_(LEVELS * LEVELS)
+    return out.mul_(absmax[0, _slice_blocks(first_index, out.numel(), out.device)].to(out.dtype))
+
+
+def slice_block_maxima(values: Tensor, blocks: int, first_index: int) -> Tensor:
+    """Largest |value| per block of the whole vector (float32, ``blocks``) among this slice's elements (0 for
+    blocks it does not reach): combined across shards by a max all-reduce."""
+    maxima = torch.zeros(blocks, dtype=torch.float32, device=values.device)
+    index = _slice_blocks(first_index, values.numel(), values.device)
+    return maxima.scatter_reduce_(0, index, values.abs().to(torch.float32), "amax")
+
+
+def quantize_slice_(codes: Tensor, absmax: Tensor, values: Tensor, key: int, first_index: int) -> None:
+    """:func:`quantize_` for a slice of a vector whose ``absmax`` (1, blocks) already holds the whole vector's
+    new block maxima (:func:`slice_block_maxima`, all-reduced). ``values`` is overwritten as scratch."""
+    magnitude = values.abs()
+    stored = absmax[0, _slice_blocks(first_index, values.numel(), values.device)].to(magnitude.dtype)
+    magnitude.div_(torch.where(stored > 0, stored, torch.ones_like(stored)))
+    _store_ratios(codes, magnitude, values.sign_(), key, first_index)

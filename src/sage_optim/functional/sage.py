@@ -171,7 +171,9 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         all_reduce: Optional[AllReduceSum], sharded: Optional[Sequence[bool]],
                         global_shapes: Optional[Sequence[Sequence[int]]], compiled: bool = False,
                         fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None,
-                        quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None) -> None:
+                        quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None,
+                        shard_offsets: Optional[Sequence[int]] = None,
+                        all_reduce_max: Optional[AllReduceSum] = None) -> None:
     grads = [as_compute(-g if maximize else g) for g in grads]
     for step in state_steps:
         step += 1
@@ -180,17 +182,11 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
                        global_shapes=global_shapes, scratch=scratch, fused=fused, column_means=column_means)
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
-    quantized = quantized if quantized is not None else [None] * len(params)
-    for param, grad, exp_avg, h, quant, step in zip(params, grads, exp_avgs, dampers, quantized, state_steps):
+    int8 = _Int8Momenta(quantized, state_steps, shard_offsets, sharded, all_reduce_max)
+    for i, (param, grad, exp_avg, h) in enumerate(zip(params, grads, exp_avgs, dampers)):
         kernels = fused_kernels(grad.device) if fused else None
-        if quant is not None:  # 8-bit momentum: one C pass, or the blocked torch path (decode, step, store)
-            q8 = getattr(kernels, "sign_update_q8", None)
-            if q8 is not None and kernels.supports_q8(param, grad, exp_avg, quant[0]):
-                from ._quant import rounding_key
-
-                q8(param, grad.contiguous(), exp_avg, quant[0], h, key=rounding_key(quant[1], step), **hparams)
-            else:
-                _update_one(param, grad, exp_avg, h, scratch=scratch, quantized=(*quant, step), **hparams)
+        if int8.has(i):
+            int8.update(i, param, grad, exp_avg, h, scratch=scratch, kernels=kernels, **hparams)
         elif kernels is not None and param.is_contiguous() and exp_avg.is_contiguous() \
                 and kernels.supports_update(param, grad, exp_avg):
             kernels.sign_update(param, grad.contiguous(), exp_avg, h, **hparams)
@@ -198,6 +194,7 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
             _compiled.sage_update(param, grad, exp_avg, h, **hparams)
         else:
             _update_one(param, grad, exp_avg, h, scratch=scratch, **hparams)
+    int8.store_vector_shards()
 
 
 def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -206,7 +203,9 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                   code_compat: bool, maximize: bool, all_reduce: Optional[AllReduceSum],
                   sharded: Optional[Sequence[bool]], global_shapes: Optional[Sequence[Sequence[int]]],
                   chunk_numel: Optional[int] = None,
-                  quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None) -> None:
+                  quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None,
+                  shard_offsets: Optional[Sequence[int]] = None,
+                  all_reduce_max: Optional[AllReduceSum] = None) -> None:
     grads = [as_compute(g) for g in grads]
     if maximize:
         grads = list(torch._foreach_neg(grads))
@@ -214,6 +213,8 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     dampers = _dampers(grads, col_emas, state_steps, damper=damper, beta2=beta2, eps=eps,
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
                        global_shapes=global_shapes)
+    int8 = _Int8Momenta(quantized, state_steps, shard_offsets, sharded, all_reduce_max)
+    hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
     numels = [p.numel() for p in params]
     # note: the direction is a temporary as large as its chunk; chunks are capped at the largest
     # parameter so the step never holds more than one largest-parameter-sized buffer of temporaries.
@@ -227,9 +228,11 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
             m = [exp_avgs[i] for i in chunk]
             if m[0].dtype != g[0].dtype:  # low-precision state: widened per tensor
                 for i in chunk:
-                    quant = None if quantized is None or quantized[i] is None else (*quantized[i], state_steps[i])
-                    _update_one(params[i], grads[i], exp_avgs[i], dampers[i], lr=lr, weight_decay=weight_decay,
-                                beta1=beta1, beta2=beta2, code_compat=code_compat, quantized=quant)
+                    if int8.has(i):
+                        int8.update(i, params[i], grads[i], exp_avgs[i], dampers[i], scratch=Workspace(), kernels=None,
+                                    **hparams)
+                    else:
+                        _update_one(params[i], grads[i], exp_avgs[i], dampers[i], **hparams)
                 continue
             if weight_decay != 0:
                 torch._foreach_mul_(p, 1 - lr * weight_decay)
@@ -245,23 +248,74 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                     direction.mul_(h)  # broadcast over dim 0: foreach ops do not broadcast
             torch._foreach_add_(p, directions, alpha=-lr)
             del directions
+    int8.store_vector_shards()
+
+
+class _Int8Momenta:
+    """The 8-bit momenta of one step's parameters (``quantized`` entries not None): each is decoded, stepped and
+    stored block by block (one C pass where the fused kernels take it), rounding by its element's flat index in
+    the whole tensor (``shard_offsets``), so a dim-0 shard stores the codes one process would. A sharded vector
+    shares blocks with other ranks: its store waits for :meth:`store_vector_shards` (one max all-reduce)."""
+
+    def __init__(self, quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]], steps: Sequence[Tensor],
+                 shard_offsets: Optional[Sequence[int]], sharded: Optional[Sequence[bool]],
+                 all_reduce_max: Optional[AllReduceSum]) -> None:
+        self.entries = list(quantized) if quantized is not None else []
+        self.steps = steps
+        self.offsets = shard_offsets
+        self.sharded = sharded
+        self.all_reduce_max = all_reduce_max
+        self.pending: list[tuple[Tensor, Tensor, Tensor, int, int]] = []
+
+    def has(self, i: int) -> bool:
+        return i < len(self.entries) and self.entries[i] is not None
+
+    def update(self, i: int, param: Tensor, grad: Tensor, codes: Tensor, damper: Optional[Tensor], *,
+               scratch: Workspace, kernels, **hparams) -> None:  # type: ignore[no-untyped-def]
+        from ._quant import dequantize_slice_into, rounding_key
+
+        absmax, seed = self.entries[i]  # type: ignore[misc]
+        first_index = self.offsets[i] if self.offsets is not None else 0
+        key = rounding_key(seed, self.steps[i])
+        if grad.ndim <= 1 and self.sharded is not None and self.sharded[i]:
+            momentum = dequantize_slice_into(torch.empty_like(grad), codes, absmax, first_index)
+            _update_block(param, grad, momentum, damper, torch.empty_like(grad), **hparams)
+            self.pending.append((codes, absmax, momentum, key, first_index))
+            return
+        q8 = getattr(kernels, "sign_update_q8", None)
+        if q8 is not None and kernels.supports_q8(param, grad, codes, absmax):
+            q8(param, grad.contiguous(), codes, absmax, damper, key=key, first_index=first_index, **hparams)
+        else:
+            _update_quantized(param, grad, codes, damper, absmax, seed, self.steps[i], scratch=scratch,
+                              first_index=first_index, **hparams)
+
+    def store_vector_shards(self) -> None:
+        """Store the sharded vectors' momenta: their blocks' maxima, combined across ranks, then their codes."""
+        if not self.pending:
+            return
+        from ._quant import quantize_slice_, slice_block_maxima
+
+        if self.all_reduce_max is None:
+            raise RuntimeError("sharded int8 momentum of a vector needs all_reduce_max (its blocks span ranks)")
+        maxima = [slice_block_maxima(m, absmax.shape[1], first) for _, absmax, m, _, first in self.pending]
+        self.all_reduce_max(maxima)  # one collective for every sharded vector of the step
+        for (codes, absmax, momentum, key, first_index), largest in zip(self.pending, maxima):
+            absmax[0].copy_(largest)
+            quantize_slice_(codes, absmax, momentum, key, first_index)
+        self.pending = []
 
 
 def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[Tensor], *, lr: float,
                 weight_decay: float, beta1: float, beta2: float, code_compat: bool,
-                scratch: Optional[Workspace] = None,
-                quantized: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> None:
+                scratch: Optional[Workspace] = None) -> None:
     """The element-wise part of one parameter's step: decay, signed direction times H, momentum.
 
     Runs over row blocks of about ``BLOCK_NUMEL`` elements with one cache-sized scratch block for the
     direction, so θ, g and m are each read once and θ, m written once from memory, and the step holds
-    no full-size temporary. Non-contiguous tensors (no 2-D view) are done whole. ``quantized``: (block
-    maxima, seed, step) of an int8 momentum.
+    no full-size temporary. Non-contiguous tensors (no 2-D view) are done whole. (8-bit momenta:
+    :class:`_Int8Momenta`.)
     """
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
-    if quantized is not None:
-        _update_quantized(param, grad, exp_avg, damper, *quantized, scratch=scratch or Workspace(), **hparams)
-        return
     if not (param.is_contiguous() and exp_avg.is_contiguous()):
         h = None if damper is None else damper.expand_as(grad)
         _update_block(param, grad, exp_avg, h, torch.empty_like(grad), **hparams)
@@ -276,9 +330,10 @@ def _update_one(param: Tensor, grad: Tensor, exp_avg: Tensor, damper: Optional[T
 
 def _update_quantized(param: Tensor, grad: Tensor, codes: Tensor, damper: Optional[Tensor], absmax: Tensor,
                       seed: Tensor, step: Tensor, *, scratch: Workspace, lr: float, weight_decay: float, beta1: float,
-                      beta2: float, code_compat: bool) -> None:
+                      beta2: float, code_compat: bool, first_index: int = 0) -> None:
     """:func:`_update_one` with an 8-bit momentum: per row block, m is decoded into a scratch block, the block
-    takes the float-momentum step (:func:`_update_block`), and m's new value is stored with stochastic rounding."""
+    takes the float-momentum step (:func:`_update_block`), and m's new value is stored with stochastic rounding
+    (element 0 is element ``first_index`` of the whole tensor: the rounding follows the whole tensor's indices)."""
     from ._quant import dequantize_into, quantize_, rounding_key
 
     target = param if param.is_contiguous() else param.contiguous()
@@ -292,7 +347,7 @@ def _update_quantized(param: Tensor, grad: Tensor, codes: Tensor, damper: Option
         momentum = dequantize_into(both[:numel].view(shape), m[block], absmax[block])
         _update_block(p[block], g[block], momentum, h, both[numel:].view(shape), lr=lr, weight_decay=weight_decay,
                       beta1=beta1, beta2=beta2, code_compat=code_compat)
-        quantize_(m[block], absmax[block], momentum, key, first_index=block.start * g.shape[1])
+        quantize_(m[block], absmax[block], momentum, key, first_index=first_index + block.start * g.shape[1])
     if target is not param:
         param.copy_(target)
     if stored is not codes:
@@ -325,7 +380,8 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
          foreach: bool = False, all_reduce: Optional[AllReduceSum] = None, sharded: Optional[Sequence[bool]] = None,
          global_shapes: Optional[Sequence[Sequence[int]]] = None, compiled: bool = False,
          fused: bool = False, column_means: Optional[Sequence[Optional[Tensor]]] = None,
-         quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None) -> None:
+         quantized: Optional[Sequence[Optional[tuple[Tensor, Tensor]]]] = None,
+         shard_offsets: Optional[Sequence[int]] = None, all_reduce_max: Optional[AllReduceSum] = None) -> None:
     r"""Functional SAGE (or Lion with ``damper=False``): updates ``params``, ``exp_avgs``, ``col_emas`` and
     ``state_steps`` in place. See the module docstring for the equations.
 
@@ -349,12 +405,17 @@ def sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], col_
             them (an entry None: read here).
         quantized: per parameter, None or (block maxima, seed) of an 8-bit momentum: ``exp_avgs`` then holds
             int8 codes (see :mod:`sage_optim.functional._quant`), decoded and stored block by block.
+        shard_offsets, all_reduce_max: for dim-0 shards with an 8-bit momentum, the flat index in the whole
+            tensor of each local tensor's first element (its stochastic rounding follows the whole tensor's
+            indices) and the collective taking the element-wise max of the listed tensors across the shard
+            group (a sharded vector's blocks span ranks).
     """
     if not params:
         return
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, damper=damper,
                   instant_damper=instant_damper, code_compat=code_compat, maximize=maximize, all_reduce=all_reduce,
-                  sharded=sharded, global_shapes=global_shapes, quantized=quantized)
+                  sharded=sharded, global_shapes=global_shapes, quantized=quantized, shard_offsets=shard_offsets,
+                  all_reduce_max=all_reduce_max)
     if fused or compiled:
         _single_tensor_sage(params, grads, exp_avgs, col_emas, state_steps, compiled=compiled, fused=fused,
                             column_means=column_means if fused else None, **kwargs)

@@ -96,7 +96,8 @@ def library() -> ctypes.CDLL:
                 for suffix in ("f32", "f64"):
                     getattr(lib, f"{name}_{suffix}").argtypes = argtypes
             lib.sign_update_f32_bf16m.argtypes = _SIGNATURES["sign_update"]
-            lib.sign_update_q8_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT, _I64, _INT]
+            lib.sign_update_q8_f32.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _F64, _F64, _F64, _F64, _INT, _I64, _I64,
+                                              _INT]
             for suffix in ("f32", "f64"):
                 getattr(lib, f"max_abs_{suffix}").argtypes = [_P, _I64, _INT]
                 getattr(lib, f"max_abs_{suffix}").restype = _F64
@@ -164,15 +165,18 @@ def supports_q8(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor) -> b
 
 
 def sign_update_q8(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor, damper: Optional[Tensor], *,
-                   lr: float, weight_decay: float, beta1: float, beta2: float, code_compat: bool, key: int) -> None:
+                   lr: float, weight_decay: float, beta1: float, beta2: float, code_compat: bool, key: int,
+                   first_index: int = 0) -> None:
     """SAGE's (``damper=None``: Lion's) step with an 8-bit momentum (``functional/_quant.py``) in one pass:
-    decode, step and stochastic-rounding encode of each 256-block while it is in cache."""
+    decode, step and stochastic-rounding encode of each 256-block while it is in cache. ``first_index``: the
+    flat index of ``param``'s first element in its whole tensor (a dim-0 shard's), which the rounding follows."""
     if grad.numel() == 0:
         return
     rows, cols = as_rows(grad).shape
     h = (torch.ones(cols, dtype=grad.dtype) if damper is None else damper.reshape(-1).to(grad.dtype).contiguous())
     library().sign_update_q8_f32(_ptr(param), _ptr(grad), _ptr(codes), _ptr(absmax), _ptr(h), rows, cols, lr,
-                                 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, int(code_compat), key, _threads())
+                                 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, int(code_compat), key,
+                                 first_index, _threads())
 
 
 def column_abs_sums(matrix: Tensor, divisor: int) -> Tensor:

@@ -85,10 +85,11 @@ static inline uint32_t hash32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-/* damper: never NULL here (Lion passes ones: sign · 1 is exact), so that the loop has no branch on it. */
+/* damper: never NULL here (Lion passes ones: sign · 1 is exact), so that the loop has no branch on it.
+ * first_index0: the flat index of param[0] in its whole tensor (a dim-0 shard's first row, else 0). */
 void sign_update_q8_f32(float *param, const float *grad, int8_t *codes, float *absmax, const float *damper,
                         int64_t rows, int64_t cols, double lr, double decay, double weight1, double weight2,
-                        int code_compat, int64_t key, int threads) {
+                        int code_compat, int64_t key, int64_t first_index0, int threads) {
     const float lr_t = (float)lr, decay_t = (float)decay, w1 = (float)weight1, w2 = (float)weight2;
     const int64_t blocks = (cols + Q8_BLOCK - 1) / Q8_BLOCK;
     const uint32_t key_bits = (uint32_t)key;
@@ -112,7 +113,7 @@ void sign_update_q8_f32(float *param, const float *grad, int8_t *codes, float *a
             }
             absmax[r * blocks + b] = largest;
             const float scale = largest > 0 ? largest : 1.0f;
-            const uint32_t first_index = (uint32_t)((uint64_t)(r * cols + start) & 0xFFFFFFFFu);
+            const uint32_t first_index = (uint32_t)((uint64_t)(first_index0 + r * cols + start) & 0xFFFFFFFFu);
             int32_t levels[Q8_BLOCK];
             _Pragma("omp simd")
             for (int32_t j = 0; j < (int32_t)length; ++j) {

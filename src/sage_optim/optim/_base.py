@@ -206,6 +206,9 @@ class RuleOptimizer(Optimizer):
                                               dtype=torch.int64)
                 elif shape == tuple(param.shape):
                     state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                elif dist_support.is_dtensor(param) and param.ndim >= 2 and len(shape) == 2 \
+                        and shape[0] == param.shape[0]:
+                    state[key] = _rows_like(param, shape, dtype)  # per-row state: sharded as the rows are
                 else:
                     state[key] = torch.zeros(shape, dtype=dtype, device=dist_support.local_device(param))
         return state
@@ -253,7 +256,8 @@ class RuleOptimizer(Optimizer):
             return loss
         for view, first_pass, (group, rule, params, grads, names) in zip(views, first_passes, work):
             states = [self._init_state(p, rule.state_spec(p, group)) for p in params]
-            local_params, local_grads, shards = dist_support.prepare(params, grads, names, rule)
+            local_params, local_grads, shards = dist_support.prepare(params, grads, names, rule,
+                                                                     row_blocks=group.get("state_dtype") == "int8")
             local_states = [dist_support.local_state(s) for s in states]
             rule.step(view, local_params, local_grads, local_states, shards, first_pass=first_pass)
         return loss
@@ -340,6 +344,15 @@ class RuleOptimizer(Optimizer):
                         self.state[param][key] = value.to(device=dist_support.local_device(param),
                                                           dtype=spec[key][1], copy=True) \
                             if not dist_support.is_dtensor(value) else value.to(dtype=spec[key][1])
+
+
+def _rows_like(param: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Zeros of ``shape`` (param's rows × k) as a DTensor whose rows are laid out as ``param``'s."""
+    from torch.distributed.tensor import DTensor
+
+    local = torch.zeros((param.to_local().shape[0], shape[1]), dtype=dtype, device=dist_support.local_device(param))
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=torch.Size(shape),
+                              stride=(shape[1], 1))
 
 
 def _check_state_dict_layout(state_dict: Any) -> None:

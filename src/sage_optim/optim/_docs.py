@@ -25,7 +25,8 @@ STATE_DTYPE_ARG = r"""
         state_dtype (torch.dtype | str | None): dtype of the momentum ``exp_avg``. ``None`` (default) keeps
             float32 for bf16/fp16 parameters and the parameter's dtype otherwise. ``torch.bfloat16`` halves the
             momentum's memory; it is updated in float32 and rounded to nearest on store. ``torch.int8``
-            (SAGE/Lion rules; not on FSDP2-sharded parameters) keeps 8-bit codes in blocks of 256 with one
-            float32 maximum each (1.016 bytes per element), decoded per block for the update and stored with
-            unbiased stochastic rounding (:mod:`sage_optim.functional._quant`). The state dtype survives
-            ``load_state_dict`` (torch would otherwise cast state to the parameter dtype)."""
+            (SAGE/Lion rules) keeps 8-bit codes in blocks of 256 with one float32 maximum each (1.016 bytes
+            per element), decoded per block for the update and stored with unbiased stochastic rounding
+            (:mod:`sage_optim.functional._quant`); FSDP2 ``Shard(0)`` shards store the same codes as one
+            process (docs/distributed.md). The state dtype survives ``load_state_dict`` (torch would
+            otherwise cast state to the parameter dtype)."""

@@ -144,6 +144,13 @@ def _param_ok(name: str, param: Tensor, group: dict[str, Any]) -> None:
     del name, param, group
 
 
+def _check_sign_param(name: str, param: Tensor, group: dict[str, Any]) -> None:
+    if group.get("state_dtype") == "int8":  # 8-bit blocks run along rows: shards must hold whole rows
+        from ..distributed import first_flat_index
+
+        first_flat_index(param, name)
+
+
 # ---------------------------------------------------------------------------------------- specs
 def _momentum_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
     dtype = resolve_state_dtype(param, group.get("state_dtype"))
@@ -182,14 +189,15 @@ class ShardInfo:
     all_reduce: Optional[AllReduceSum] = None
     sharded: Optional[list[bool]] = None
     global_shapes: Optional[list[tuple[int, ...]]] = None
+    #: With an 8-bit momentum: each local tensor's first element's flat index in its whole tensor, and the
+    #: element-wise max over the shard group (a sharded vector's quantisation blocks span ranks).
+    offsets: Optional[list[int]] = None
+    all_reduce_max: Optional[AllReduceSum] = None
 
 
 def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]],
                shards: ShardInfo, *, damper: bool, first_pass: Optional[list[Any]] = None) -> None:
     beta1, beta2 = group["betas"]
-    if group.get("state_dtype") == "int8" and shards.sharded is not None and any(shards.sharded):
-        raise NotImplementedError("state_dtype int8 on dim-0-sharded (FSDP2) parameters is not implemented: a "
-                                  "shard boundary can cut a quantisation block; use bfloat16 momentum there")
     F.sage(params, grads, [s["exp_avg"] for s in states], [s.get("col_ema") for s in states],
            [s["step"] for s in states], lr=_float(group["lr"]), beta1=beta1, beta2=beta2,
            eps=group.get("eps", 0.0), weight_decay=group["weight_decay"], damper=damper,
@@ -197,7 +205,8 @@ def _step_sign(group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
            maximize=group.get("maximize", False), foreach=bool(group.get("foreach")),
            all_reduce=shards.all_reduce, sharded=shards.sharded, global_shapes=shards.global_shapes,
            compiled=bool(group.get("compile")), fused=bool(group.get("fused")), column_means=first_pass,
-           quantized=[(s["exp_avg_absmax"], s["exp_avg_seed"]) if "exp_avg_seed" in s else None for s in states])
+           quantized=[(s["exp_avg_absmax"], s["exp_avg_seed"]) if "exp_avg_seed" in s else None for s in states],
+           shard_offsets=shards.offsets, all_reduce_max=shards.all_reduce_max)
 
 
 def _step_sage(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
@@ -315,9 +324,9 @@ class Rule:
 RULES: dict[str, Rule] = {
     "sage": Rule("sage", {"lr": 2e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 1e-2,
                           "instant_damper": True, "code_compat": False, "state_dtype": None},
-                 _validate_sign_rule, _param_ok, _sage_spec, _step_sage, True, _first_pass_sage),
+                 _validate_sign_rule, _check_sign_param, _sage_spec, _step_sage, True, _first_pass_sage),
     "lion": Rule("lion", {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "state_dtype": None},
-                 _validate_lion, _param_ok, _lion_spec, _step_lion, False),
+                 _validate_lion, _check_sign_param, _lion_spec, _step_lion, False),
     "sinkgd": Rule("sinkgd", {"lr": 2e-3, "weight_decay": 1e-2, "iters": 5, "scale": 1.0,
                               "normalization": "uniform", "eps": 1e-8},
                    _validate_sinkgd, _param_check_matrix, _no_state, _step_sinkgd, True, _first_pass_sinkgd),
