@@ -75,6 +75,22 @@ def _rel_err(actual: Any, expected: Any) -> float:
     return float((a - b).abs().max().item() / max(scale, 1e-30)) if b.numel() else 0.0
 
 
+_MESHES_2D: dict[int, Any] = {}
+
+
+def _mesh_2d() -> Any:
+    """One 2 × (w/2) ("replicate", "shard") mesh per process. note: DTensor caches layouts under meshes that
+    compare equal, so a second, equal mesh (with new process groups) would hand some tensors the first one's
+    groups and others its own."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if world not in _MESHES_2D:
+        _MESHES_2D[world] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    return _MESHES_2D[world]
+
+
 def _mesh() -> Any:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -210,16 +226,12 @@ def _llama_parity(*, tied: bool, steps: int = 5, verify: bool = False, hsdp: boo
                   **opt_kwargs: Any) -> dict[str, Any]:
     """Tiny LlamaForCausalLM under FSDP2 (fully_shard per layer + root) against the same model unsharded;
     ``hsdp``: on a 2 × (w/2) mesh, replicated across the first dimension and sharded along the second."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
     from sage_optim import SinkSAGE
     from sage_optim.distributed import apply_fsdp2, record_collectives
 
     reference = _llama(tied)
     model = copy.deepcopy(reference)
-    mesh = (init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
-            if hsdp else _mesh())
+    mesh = _mesh_2d() if hsdp else _mesh()
     apply_fsdp2(model, mesh=mesh)
     opt_kwargs.setdefault("lr", 3e-3)
     ref_opt = SinkSAGE(reference, **opt_kwargs)
@@ -340,7 +352,8 @@ def llama_sinksage(args: dict[str, Any]) -> Any:
 
 @scenario
 def llama_hsdp(args: dict[str, Any]) -> Any:
-    return {"untied": _llama_parity(tied=False, hsdp=True)}
+    return {"untied": _llama_parity(tied=False, hsdp=True),
+            "untied int8": _llama_parity(tied=False, hsdp=True, state_dtype="int8")}
 
 
 @scenario
@@ -431,35 +444,42 @@ def two_shard_groups_refused(args: dict[str, Any]) -> Any:
         return {"message": str(err)}
 
 
-def _mesh_2d_parity(kind: str, placements: str) -> dict[str, Any]:
+def _mesh_2d_parity(kind: str, placements: str, **extra: Any) -> dict[str, Any]:
     """HSDP-style (Replicate, Shard(0)) and doubly split (Shard(0), Shard(0)) layouts on a 2 × (w/2) mesh."""
     import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
+    mesh = _mesh_2d()
     layout = [Replicate(), Shard(0)] if placements == "replicate,shard" else [Shard(0), Shard(0)]
     shapes = MATRIX_SHAPES + (VECTOR_SHAPES if kind.startswith("sage") else [])
+    if extra.get("state_dtype") == "int8":
+        shapes = INT8_SHAPES
+        torch.manual_seed(0)  # the rounding seeds: alike on every rank
     init = _raw_tensors(shapes, seed=0)
     plain = [torch.nn.Parameter(t.clone()) for t in init]
     sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, layout)) for t in init]
     names = [f"p{i}{tuple(s)}" for i, s in enumerate(shapes)]
-    ref_opt = _make_optimizer(kind, list(zip(names, plain)))
-    opt = _make_optimizer(kind, list(zip(names, sharded)))
+    ref_opt = _make_optimizer(kind, list(zip(names, plain)), **extra)
+    opt = _make_optimizer(kind, list(zip(names, sharded)), **extra)
     for step in range(5):
         for p, q, g in zip(plain, sharded, _raw_grads(shapes, step, zero_rows=not kind.startswith("sinkgd"))):
             p.grad = g.clone()
             q.grad = distribute_tensor(g.clone(), mesh, layout)
         ref_opt.step()
         opt.step()
-    return {"param_rel_err": {n: _rel_err(q.full_tensor(), p) for n, p, q in zip(names, plain, sharded)}}
+    state_errors = {f"{n}.{key}": _rel_err(_full(opt.state[q][key]), value)
+                    for n, p, q in zip(names, plain, sharded) for key, value in ref_opt.state[p].items()}
+    return {"param_rel_err": {n: _rel_err(q.full_tensor(), p) for n, p, q in zip(names, plain, sharded)},
+            "state_rel_err": state_errors}
 
 
 @scenario
 def mesh_2d(args: dict[str, Any]) -> Any:
-    return {f"{kind} {pl}": _mesh_2d_parity(kind, pl) for kind in ("sage", "sinkgd-uniform")
-            for pl in ("replicate,shard", "shard,shard")}
+    out = {f"{kind} {pl}": _mesh_2d_parity(kind, pl) for kind in ("sage", "sinkgd-uniform")
+           for pl in ("replicate,shard", "shard,shard")}
+    out.update({f"sage int8 {pl}": _mesh_2d_parity("sage", pl, state_dtype="int8")
+                for pl in ("replicate,shard", "shard,shard")})
+    return out
 
 
 @scenario
