@@ -119,3 +119,21 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(common: list[str]
     assert proc.returncode != 0
     assert "train.micro_batch_size=3 does not split over 2 ranks" in proc.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def test_fsdp_int8_momentum_stops_and_resumes_in_one_process_as_one_process_runs(common: list[str],
+                                                                                 tmp_path: Path) -> None:
+    """sage-hybrid-int8: 2 FSDP ranks to step 12 (sharded codes and block maxima), the gathered checkpoint
+    resumed in 1 process, against an uninterrupted 1-process run (same stochastic rounding throughout)."""
+    at = common.index("--optimizer") + 1
+    int8 = [*common[:at], "sage-hybrid-int8", *common[at + 1:]]
+    reference = tmp_path / "single"
+    proc = run_python([*int8, "--out", str(reference)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "parts"
+    proc = run_torchrun([*int8, "--out", str(out), "--fsdp", "--stop-at", "12"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python([*int8, "--out", str(out), "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(losses(out), losses(reference))
+    assert json.loads((out / "config.json").read_text())["optimizer"] == "sage-hybrid-int8"
