@@ -138,6 +138,11 @@ def _make_optimizer(kind: str, params: Any, **extra: Any) -> Any:
         return SinkGD(params, lr=1e-3, normalization="sr", **extra)
     if kind == "lion":
         return Lion(params, lr=1e-2, **extra)
+    if kind == "muon":
+        from sage_optim import SinkSAGE
+
+        extra.pop("fused", None)  # torch's Muon has no fused path
+        return SinkSAGE([{"params": list(params), "rule": "muon"}], lr=1e-2, **extra)
     raise ValueError(kind)
 
 
@@ -333,6 +338,17 @@ def raw_int8(args: dict[str, Any]) -> Any:
         finally:
             os.environ.pop("TRITON_INTERPRET") if before is None else os.environ.update(TRITON_INTERPRET=before)
     return out
+
+
+@scenario
+def muon_sharded(args: dict[str, Any]) -> Any:
+    """torch's Muon (rule "muon") on Shard(0) matrices and as muon-hybrid's hidden rule on a FSDP2 Llama:
+    each matrix gathered whole for Newton-Schulz, its rows applied by their shard."""
+    shapes = [s for s in MATRIX_SHAPES if len(s) == 2] + [(9, 4), (4, 9)]
+    return {"raw foreach=None": _raw_parity("muon", shapes, foreach=None),
+            "llama untied": _llama_parity(tied=False, rules={"hidden": "muon", "embedding": "adamw",
+                                                             "head": "adamw", "vector": "adamw"}),
+            "llama tied verified": _llama_parity(tied=True, steps=3, verify=True, rules={"hidden": "muon"})}
 
 
 @scenario

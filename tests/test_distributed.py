@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_SCENARIOS = ["raw_sage", "raw_sage_code_compat", "raw_sinkgd", "raw_fused", "raw_int8", "llama_sinksage",
-                    "llama_int8", "llama_verify_step",
+                    "llama_int8", "muon_sharded", "llama_verify_step",
                     "reduction_skipped", "tp_refused", "two_shard_groups_refused", "nonfinite_agree", "ddp_plain"]
 
 
@@ -109,6 +109,20 @@ def test_sinksage_int8_on_fsdp2_llama_matches_single_process_and_passes_verify_s
         assert all(step == run["planned"] for step in run["collectives"]), label
     assert runs["tied verified"]["verified"], "verify_step checked nothing"
     assert_ranks_agree(two_ranks, "llama_int8")
+
+
+def test_muon_on_shard0_matrices_and_fsdp2_llama_matches_single_process(two_ranks) -> None:
+    runs = result(two_ranks, "muon_sharded")
+    for label, run in runs.items():
+        assert_parity(run, f"Muon {label}")
+        assert all(step == run["planned"] for step in run["collectives"]), label
+    # one all-gather of each whole matrix, after the finite flag; (1, 4) has no rows on rank 1 and still joins
+    raw = runs["raw foreach=None"]["collectives"][0]
+    assert [c[:2] for c in raw] == [["all_reduce", 1]] + [["all_gather", 3 * 5], ["all_gather", 4], *[
+        ["all_gather", 9]] * 3, ["all_gather", 14], ["all_gather", 14], ["all_gather", 36], ["all_gather", 36]]
+    assert runs["llama untied"]["moved"] > 1e-3
+    assert "model.layers.0.self_attn.q_proj.weight" in runs["llama tied verified"]["verified"]
+    assert_ranks_agree(two_ranks, "muon_sharded")
 
 
 # ---------------------------------------------------------------------------------------- communication

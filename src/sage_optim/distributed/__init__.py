@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..functional._common import AllReduceSum  # noqa: F401  (re-exported type)
 from ._collectives import (Collective, all_reduce_flag, check_grad_layout, common_key, first_flat_index, is_dtensor,
-                           layout_of, make_all_reduce, mesh_groups, record_collectives)
+                           layout_of, make_all_reduce, make_gather, mesh_groups, record_collectives)
 from .checkpoint import init_optimizer_state
 from .fsdp import DistEnv, apply_fsdp2, init_from_env
 from .plan import plan_collectives
@@ -114,9 +114,9 @@ def prepare(params: list[Tensor], grads: list[Tensor], names: list[str], rule: A
     sharded = [layout is not None and layout.sharded for layout in layouts]
     global_shapes = [tuple(p.shape) for p in params]  # a DTensor's shape is the global one
     info = ShardInfo(all_reduce=make_all_reduce(shared.groups) if rows_reduced else None, sharded=sharded,
-                     global_shapes=global_shapes)
+                     global_shapes=global_shapes, offsets=[first_flat_index(p, name) for p, name in zip(params, names)],
+                     gather=make_gather(params))
     if row_blocks:
-        info.offsets = [first_flat_index(p, name) for p, name in zip(params, names)]
         info.all_reduce_max = make_all_reduce(shared.groups, op="max")
     return local_params, local_grads, info
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from torch import Tensor
 from ..functional._common import AllReduceSum
 
 __all__ = ["Collective", "record_collectives", "ShardLayout", "layout_of", "make_all_reduce", "all_reduce_flag",
-           "first_flat_index"]
+           "first_flat_index", "make_gather"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -142,6 +142,24 @@ def first_flat_index(t: Tensor, name: str) -> int:
                          "momentum is kept in blocks along rows and needs whole rows on every shard. Shard it "
                          "on dim 0 only (fully_shard), or give it state_dtype=torch.bfloat16")
     return int(offset[0]) * math.prod(t.shape[1:]) if t.ndim else 0
+
+
+def make_gather(params: Sequence[Tensor]) -> Callable[[int, Tensor], Tensor]:
+    """``gather(i, local)``: the whole tensor whose shard, laid out as parameter ``i``, is ``local`` (plain
+    parameters: ``local`` itself). DTensor's own redistribution does it, so uneven and empty shards and
+    2-D meshes need nothing special; recorded as one ``all_gather`` of the whole tensor."""
+    def gather(i: int, local: Tensor) -> Tensor:
+        param = params[i]
+        if not is_dtensor(param):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        whole = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                   shape=param.shape, stride=param.stride()).full_tensor()
+        _record("all_gather", whole, param.device_mesh)
+        return whole
+
+    return gather
 
 
 def check_grad_layout(param: Tensor, grad: Tensor, name: str) -> None:

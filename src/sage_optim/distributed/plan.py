@@ -32,7 +32,8 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
                      fused: Optional[bool] = None) -> list[Collective]:
     """The all-reduces one step issues when every parameter is a ``Shard(0)`` DTensor on one 1-D mesh
     and has a gradient (payload per collective; a ring all-reduce moves about twice that per rank). Sums,
-    except the finite-gradient flag's and an 8-bit momentum's vector block maxima (max).
+    except the finite-gradient flag's and an 8-bit momentum's vector block maxima (max); Muon all-gathers
+    each matrix (the entry's size is the whole matrix).
 
     Args:
         optimizer: a sage-optim optimizer (its groups' ``rule``, ``iters`` and parameters' shapes are read;
@@ -55,6 +56,11 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
             if group.get("state_dtype") == "int8" and any(p.ndim == 1 for p in params) else []
         if not params or not rule.reduces_over_rows:
             plan.extend(int8_vectors)
+        elif rule.name == "muon":  # each matrix gathered whole for Newton-Schulz, in the momentum's dtype
+            from ..optim._rules import resolve_state_dtype
+
+            plan.extend(Collective("all_gather", p.numel(), resolve_state_dtype(p, group.get("state_dtype")), "mesh")
+                        for p in params)
             continue
         batched = (group.get("foreach") if group.get("foreach") is not None else True) if foreach is None else foreach
         use_fused = uses_fused(group, params) if fused is None else fused
@@ -67,6 +73,11 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
                 sizes[dtype] = sizes.get(dtype, 0) + n
             plan.extend(Collective("all_reduce", n, dtype, "mesh") for dtype, n in sizes.items())
             plan.extend(int8_vectors)
+        elif rule.name == "muon":  # each matrix gathered whole for Newton-Schulz, in the momentum's dtype
+            from ..optim._rules import resolve_state_dtype
+
+            plan.extend(Collective("all_gather", p.numel(), resolve_state_dtype(p, group.get("state_dtype")), "mesh")
+                        for p in params)
         elif rule.name == "sinkgd":
             iters = int(group["iters"])
             cols = [math.prod(p.shape[1:]) for p in params]

@@ -189,9 +189,11 @@ class ShardInfo:
     all_reduce: Optional[AllReduceSum] = None
     sharded: Optional[list[bool]] = None
     global_shapes: Optional[list[tuple[int, ...]]] = None
-    #: With an 8-bit momentum: each local tensor's first element's flat index in its whole tensor, and the
-    #: element-wise max over the shard group (a sharded vector's quantisation blocks span ranks).
+    #: Each local tensor's first element's flat index in its whole tensor (8-bit momentum rounds by it; Muon
+    #: takes its rows from it), the whole tensor of parameter i's shard (``gather(i, local)``, a collective),
+    #: and with an 8-bit momentum the element-wise max over the shard group (a vector's blocks span ranks).
     offsets: Optional[list[int]] = None
+    gather: Optional[Callable[[int, Tensor], Tensor]] = None
     all_reduce_max: Optional[AllReduceSum] = None
 
 
@@ -284,18 +286,25 @@ def _muon_spec(param: Tensor, group: dict[str, Any]) -> StateSpec:
 def _step_muon(group, params, grads, states, shards, first_pass=None) -> None:  # type: ignore[no-untyped-def]
     from torch.optim._muon import muon
 
-    del first_pass
+    from ..functional.muon import muon_shard_
 
-    if shards.sharded and any(shards.sharded):
-        raise NotImplementedError("rule 'muon' on dim-0-sharded (FSDP2) parameters is not implemented: "
-                                  "Newton-Schulz needs the whole matrix")
+    del first_pass
     buffers = [s["momentum_buffer"] for s in states]
     grads = [g.to(b.dtype) for g, b in zip(grads, buffers)]
     if group.get("maximize", False):
         grads = [-g for g in grads]
-    muon(params, grads, buffers, lr=_float(group["lr"]), weight_decay=group["weight_decay"],
-         momentum=group["momentum"], nesterov=group["nesterov"], ns_coefficients=(3.4445, -4.775, 2.0315),
-         ns_steps=5, eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"], has_complex=False)
+    hparams = dict(lr=_float(group["lr"]), weight_decay=group["weight_decay"], momentum=group["momentum"],
+                   nesterov=group["nesterov"], ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5,
+                   eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"])
+    sharded = shards.sharded if shards.sharded is not None else [False] * len(params)
+    whole = [i for i, is_sharded in enumerate(sharded) if not is_sharded]
+    if whole:
+        muon([params[i] for i in whole], [grads[i] for i in whole], [buffers[i] for i in whole],
+             has_complex=False, **hparams)
+    for i in (i for i, is_sharded in enumerate(sharded) if is_sharded):  # Newton-Schulz needs the whole matrix
+        shape = shards.global_shapes[i]
+        muon_shard_(params[i], grads[i], buffers[i], gather=lambda local, i=i: shards.gather(i, local),
+                    first_row=shards.offsets[i] // max(shape[1], 1), global_shape=shape, **hparams)
 
 
 def _float(value: Any) -> float:
