@@ -114,8 +114,11 @@ def prepare(params: list[Tensor], grads: list[Tensor], names: list[str], rule: A
     sharded = [layout is not None and layout.sharded for layout in layouts]
     global_shapes = [tuple(p.shape) for p in params]  # a DTensor's shape is the global one
     info = ShardInfo(all_reduce=make_all_reduce(shared.groups) if rows_reduced else None, sharded=sharded,
-                     global_shapes=global_shapes, offsets=[first_flat_index(p, name) for p, name in zip(params, names)],
-                     gather=make_gather(params))
+                     global_shapes=global_shapes)
+    if row_blocks or getattr(rule, "gathers_whole", False):
+        info.offsets = [first_flat_index(p, name) for p, name in zip(params, names)]
+    if getattr(rule, "gathers_whole", False):
+        info.gather = make_gather(params)
     if row_blocks:
         info.all_reduce_max = make_all_reduce(shared.groups, op="max")
     return local_params, local_grads, info

@@ -328,6 +328,9 @@ class Rule:
     #: read early). The Optimizer takes a finite result as that gradient's finite check and passes the list
     #: back to ``step``, so the gradient is read once less. None: the rule has no such read.
     first_pass: Optional[Callable[[list[Tensor]], list[Any]]] = None
+    #: True when the step needs each sharded parameter whole (Muon's Newton-Schulz): the shards then come
+    #: with their offsets and a gather (``ShardInfo.offsets``, ``ShardInfo.gather``).
+    gathers_whole: bool = False
 
 
 RULES: dict[str, Rule] = {
@@ -344,5 +347,5 @@ RULES: dict[str, Rule] = {
                   _validate_adamw, _param_ok, _adamw_spec, _step_adamw, False),
     "muon": Rule("muon", {"lr": 1e-3, "weight_decay": 1e-2, "momentum": 0.95, "nesterov": True, "eps": 1e-7,
                           "adjust_lr_fn": "match_rms_adamw", "state_dtype": None},
-                 _validate_muon, _param_check_2d, _muon_spec, _step_muon, True),
+                 _validate_muon, _param_check_2d, _muon_spec, _step_muon, True, gathers_whole=True),
 }
