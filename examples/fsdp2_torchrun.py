@@ -2,11 +2,13 @@
 
     torchrun --nproc_per_node 2 examples/fsdp2_torchrun.py             # CPU: gloo
     torchrun --nproc_per_node 8 examples/fsdp2_torchrun.py --bf16      # GPUs: NCCL, bf16 compute
+    torchrun --nproc_per_node 2 examples/fsdp2_torchrun.py --momentum int8   # 8-bit SAGE momentum
     python examples/fsdp2_torchrun.py                                  # one process, no sharding
 
 The optimizer is built *after* sharding, from the sharded model: its parameters are DTensors split on
 dim 0, and SinkSAGE all-reduces the few dim-0 statistics it needs (SAGE's column |g| sums, SinkGD's
-column norms), so every step equals the single-process step. ``--verify-every N`` re-checks one
+column norms), so every step equals the single-process step. ``--momentum bf16|int8`` keeps SAGE's
+momentum (embedding, head, norm gains) in 16 or 8 bits, sharded like the rest. ``--verify-every N`` re-checks one
 sharded parameter against the single-process update every N steps; ``--checkpoint DIR`` saves model
 and optimizer with torch.distributed.checkpoint at the end.
 """
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step")
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--bf16", action="store_true", help="FSDP2 mixed precision: bf16 compute, fp32 reductions")
+    parser.add_argument("--momentum", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="dtype of SAGE's momentum (state_dtype): fp32, bf16, or 8-bit blocks")
     parser.add_argument("--verify-every", type=int, default=0, help="self-check one sharded update every N steps")
     parser.add_argument("--checkpoint", default=None, help="directory for a DCP checkpoint at the end")
     args = parser.parse_args(argv)
@@ -58,7 +62,8 @@ def main(argv: list[str] | None = None) -> float:
             mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         apply_fsdp2(model, mp_policy=mp_policy)  # fully_shard(each LlamaDecoderLayer); fully_shard(model)
 
-    optimizer = SinkSAGE(model, lr=args.lr, weight_decay=0.01)
+    state_dtype = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}[args.momentum]
+    optimizer = SinkSAGE(model, lr=args.lr, weight_decay=0.01, state_dtype=state_dtype)
     if env.is_main:
         print(optimizer.partition)
     verifier = verify_step(optimizer, every=args.verify_every) if args.verify_every else None

@@ -330,12 +330,13 @@ def test_apply_fsdp2_needs_blocks_to_shard() -> None:
 
 
 # ---------------------------------------------------------------------------------------- example
-def test_fsdp2_torchrun_example_trains_on_two_cpu_ranks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("momentum", ["fp32", "int8"])
+def test_fsdp2_torchrun_example_trains_on_two_cpu_ranks(tmp_path: Path, momentum: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
            "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "examples" / "fsdp2_torchrun.py"), "--steps", "8", "--verify-every", "3",
-                           "--checkpoint", str(tmp_path / "ckpt")],
+                           "--momentum", momentum, "--checkpoint", str(tmp_path / "ckpt")],
                           capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     first = float(re.search(r"step 1: loss ([\d.]+)", done.stdout).group(1))
