@@ -11,7 +11,8 @@ its own rows:
     B   ← lerp(B, G, 1 − β)                 (the shard's rows)
     U   = lerp(G, B, β)   (nesterov)   or   B
     O   = NS₅(gather(U))                    (the whole matrix, torch's coefficients)
-    θ   ← θ · (1 − η λ) − η · adjust(η, shape) / η · O[rows of this shard]
+    θ   ← θ · (1 − η λ) − η' · O[rows of this shard]
+    η'  = η · 0.2 · √max(A, B)   (match_rms_adamw; "original": η · √max(1, A/B); A × B the global shape)
 
 That is torch's ``_single_tensor_muon`` step for one parameter, reorganised around the gather (its
 Newton–Schulz iteration and learning-rate adjustment are torch's own, called here). Cost per matrix and
