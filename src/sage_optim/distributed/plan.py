@@ -56,7 +56,8 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
             if group.get("state_dtype") == "int8" and any(p.ndim == 1 for p in params) else []
         if not params or not rule.reduces_over_rows:
             plan.extend(int8_vectors)
-        elif rule.name == "muon":  # each matrix gathered whole for Newton-Schulz, in the momentum's dtype
+            continue
+        if rule.name == "muon":  # each matrix gathered whole for Newton-Schulz, in the momentum's dtype
             from ..optim._rules import resolve_state_dtype
 
             plan.extend(Collective("all_gather", p.numel(), resolve_state_dtype(p, group.get("state_dtype")), "mesh")
@@ -73,11 +74,6 @@ def plan_collectives(optimizer: Optimizer, *, foreach: Optional[bool] = None,
                 sizes[dtype] = sizes.get(dtype, 0) + n
             plan.extend(Collective("all_reduce", n, dtype, "mesh") for dtype, n in sizes.items())
             plan.extend(int8_vectors)
-        elif rule.name == "muon":  # each matrix gathered whole for Newton-Schulz, in the momentum's dtype
-            from ..optim._rules import resolve_state_dtype
-
-            plan.extend(Collective("all_gather", p.numel(), resolve_state_dtype(p, group.get("state_dtype")), "mesh")
-                        for p in params)
         elif rule.name == "sinkgd":
             iters = int(group["iters"])
             cols = [math.prod(p.shape[1:]) for p in params]

@@ -214,6 +214,7 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
                        instant_damper=instant_damper, all_reduce=all_reduce, sharded=sharded,
                        global_shapes=global_shapes)
     int8 = _Int8Momenta(quantized, state_steps, shard_offsets, sharded, all_reduce_max)
+    int8_scratch = Workspace()
     hparams = dict(lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, code_compat=code_compat)
     numels = [p.numel() for p in params]
     # note: the direction is a temporary as large as its chunk; chunks are capped at the largest
@@ -229,8 +230,8 @@ def _foreach_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
             if m[0].dtype != g[0].dtype:  # low-precision state: widened per tensor
                 for i in chunk:
                     if int8.has(i):
-                        int8.update(i, params[i], grads[i], exp_avgs[i], dampers[i], scratch=Workspace(), kernels=None,
-                                    **hparams)
+                        int8.update(i, params[i], grads[i], exp_avgs[i], dampers[i], scratch=int8_scratch,
+                                    kernels=None, **hparams)
                     else:
                         _update_one(params[i], grads[i], exp_avgs[i], dampers[i], **hparams)
                 continue
