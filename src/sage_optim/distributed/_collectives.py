@@ -147,8 +147,8 @@ def first_flat_index(t: Tensor, name: str) -> int:
 def _local_shape_and_offset(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]
                             ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     # The answer depends only on the layout and this rank's place in the mesh, both fixed for a run, while
-    # DTensor recomputes it in Python (~55 µs on the 2-core CPU, 3 µs cached): cached, an int8 or Muon group pays it once per layout, not
-    # once per parameter per step.
+    # DTensor recomputes it in Python (~55 µs on the 2-core CPU; 3 µs cached). Cached, an int8 or Muon group
+    # pays it once per layout instead of once per parameter per step.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
