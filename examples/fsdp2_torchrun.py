@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sage_optim import SinkSAGE
-from sage_optim.distributed import apply_fsdp2, init_from_env, init_optimizer_state, verify_step
+from sage_optim.distributed import apply_fsdp2, exit_rank, init_from_env, init_optimizer_state, verify_step
 
 
 def batch(step: int, rank: int, *, batch_size: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
@@ -109,3 +109,4 @@ def main(argv: list[str] | None = None) -> float:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)  # a clean rank skips interpreter teardown, where gloo's threads can abort it (see exit_rank)

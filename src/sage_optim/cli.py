@@ -16,7 +16,6 @@ import argparse
 import ast
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -619,22 +618,12 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     """The ``sage-optim`` console script and ``python -m sage_optim``: :func:`main`, then exit with its code.
 
-    A rank under torchrun that finished cleanly leaves with ``os._exit`` once its output is flushed,
-    skipping interpreter finalisation. There gloo's worker threads can still hold the last collective's
-    tensors, and freeing them once Python is shutting down aborts the rank ("terminate called without
-    an active exception"): a 2-rank FSDP2 test run, its checkpoint already written and the process
-    group already destroyed after a barrier, died that way in CI and took its peer with it. By then
-    every file this command writes is closed, so nothing is lost; a failed run exits normally.
+    Through :func:`sage_optim.distributed.exit_rank`: a torchrun rank that finished cleanly skips
+    interpreter finalisation, where gloo's threads can abort it after its files are written.
     """
-    code = main()
-    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import logging
+    from .distributed.fsdp import exit_rank
 
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    sys.exit(code)
+    exit_rank(main())
 
 
 if __name__ == "__main__":  # pragma: no cover
