@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sage_optim import SinkSAGE
-from sage_optim.distributed import apply_fsdp2, exit_rank, init_from_env, init_optimizer_state, verify_step
+from sage_optim.distributed import (apply_fsdp2, close_process_group, exit_rank, init_from_env, init_optimizer_state,
+                                    verify_step)
 
 
 def batch(step: int, rank: int, *, batch_size: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
@@ -100,10 +101,7 @@ def main(argv: list[str] | None = None) -> float:
         if env.is_main:
             print(f"saved {args.checkpoint}")
     if env.initialized:
-        # Every rank reaches this point before any tears down: a rank that destroys its gloo group
-        # while a peer is still in its last collective can abort in the C++ destructor.
-        dist.barrier()
-        dist.destroy_process_group()
+        close_process_group()  # a barrier, then destroy: no rank tears down while a peer is in a collective
     return loss_value
 
 

@@ -18,7 +18,7 @@ from ..functional._common import AllReduceSum  # noqa: F401  (re-exported type)
 from ._collectives import (Collective, all_reduce_flag, check_grad_layout, common_key, first_flat_index, is_dtensor,
                            layout_of, make_all_reduce, make_gather, mesh_groups, record_collectives)
 from .checkpoint import init_optimizer_state
-from .fsdp import DistEnv, apply_fsdp2, exit_rank, init_from_env
+from .fsdp import DistEnv, apply_fsdp2, close_process_group, exit_rank, init_from_env
 from .plan import plan_collectives
 from .verify import StepVerifier, verify_step
 
@@ -37,6 +37,7 @@ __all__ = [
     "plan_collectives",
     "apply_fsdp2",
     "init_from_env",
+    "close_process_group",
     "exit_rank",
     "DistEnv",
     "init_optimizer_state",

@@ -9,7 +9,7 @@ from typing import Any, Iterable, NoReturn, Optional
 import torch
 from torch import nn
 
-__all__ = ["DistEnv", "init_from_env", "apply_fsdp2", "exit_rank"]
+__all__ = ["DistEnv", "init_from_env", "apply_fsdp2", "close_process_group", "exit_rank"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,21 @@ def init_from_env(backend: Optional[str] = None, *, device: Optional[str] = None
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, chosen, True)
 
 
+def close_process_group() -> None:
+    """Destroy the default process group once every rank has reached this call (a barrier first): a rank
+    that tears its gloo group down while a peer is still in its last collective can abort in the C++
+    destructor."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def exit_rank(code: int = 0) -> NoReturn:
     """Exit this process with ``code``; under torchrun (``WORLD_SIZE`` > 1) a rank that succeeded leaves with
     ``os._exit`` once its output is flushed, skipping interpreter finalisation.
 
-    Call it last, after ``destroy_process_group`` and once every file is closed. In interpreter teardown
+    Call it last, after :func:`close_process_group` and once every file is closed. In interpreter teardown
     gloo's worker threads can still hold the last collective's tensors, and freeing them once Python is
     shutting down aborts the rank ("terminate called without an active exception", exit -6), which takes
     its peers down with it: a 2-rank FSDP2 run died that way in CI after its checkpoint was written. A

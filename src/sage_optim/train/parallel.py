@@ -142,10 +142,9 @@ class Parallel:
 
     def close(self) -> None:
         if self.owns_group:
-            import torch.distributed as dist
+            from ..distributed import close_process_group
 
-            dist.barrier()  # no rank tears gloo down while a peer is still in a collective
-            dist.destroy_process_group()
+            close_process_group()
             self.owns_group = False
 
 
