@@ -255,6 +255,10 @@ def test_compare_skips_completed_runs_and_writes_a_table_and_plot(
     assert f"| adamw | {-statistics.fmean(diffs):+.4f} ± " in (tmp_path / "results.md").read_text()
     assert main(["plot", str(tmp_path), "--reference", "lion"]) == 2
     assert "--reference lion is not among the optimizers compared (adamw, sage-hybrid)" in one_line_error(capsys)
+    assert main(["plot", str(tmp_path), "--target", "lion"]) == 2
+    assert "--target lion is not among the optimizers compared (adamw, sage-hybrid)" in one_line_error(capsys)
+    assert main(["plot", str(tmp_path), "--target", "sage-hybrid"]) == 0
+    assert "| optimizer | steps to sage-hybrid's final val loss | speed-up |" in (tmp_path / "results.md").read_text()
 
 
 def test_the_ranking_puts_diverged_runs_last_and_times_only_a_seed_every_optimizer_ran() -> None:
@@ -272,6 +276,60 @@ def test_the_ranking_puts_diverged_runs_last_and_times_only_a_seed_every_optimiz
     assert rows[0][4] == "no common seed" and rows[3][4] == "diverged" and rows[2][4] == "—"
     diffs = [-0.5, -0.3]
     assert rows[1][4] == f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}, lower on 2 of 2"
+
+
+def test_steps_to_loss_interpolates_between_the_evaluations_around_the_first_crossing() -> None:
+    from sage_optim.train.report import steps_to_loss
+
+    curve = [(0, 9.0), (250, 5.0), (500, 4.0), (750, 4.6), (1000, 3.0)]
+    assert steps_to_loss(curve, 4.5) == pytest.approx(375.0)  # halfway from 5.0 to 4.0
+    assert steps_to_loss(curve, 4.0) == 500.0 and steps_to_loss(curve, 9.5) == 0.0
+    assert steps_to_loss(curve, 3.5) == pytest.approx(750 + 250 * (4.6 - 3.5) / 1.6)  # the first crossing only
+    assert steps_to_loss(curve, 2.0) is None
+    assert steps_to_loss([(0, 9.0), (250, math.nan), (500, 4.0)], 4.5) == 500.0  # nothing to interpolate from
+
+
+def test_the_steps_to_target_table_counts_each_seed_against_the_targets_final_loss(tmp_path: Path) -> None:
+    from sage_optim.train.report import write_results
+
+    experiment = {"preset": "cpu-tiny", "steps": 1000, "tokens": 4000, "device": "cpu", "precision": "fp32",
+                  "corpus": {"name": "c", "content_hash": "0" * 64}, "lr": 1e-3, "state_bytes": 10,
+                  "train_time_s": 100.0, "tokens_per_s": 40.0, "device_name": "one CPU"}
+
+    def run(name: str, seed: int, curve: list[tuple[int, float]]) -> Path:
+        run_dir = tmp_path / f"{name}-seed{seed}"
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in curve))
+        final = curve[-1][1]
+        (run_dir / "summary.json").write_text(json.dumps({**experiment, "optimizer": name, "seed": seed,
+            "val_loss": final, "val_ppl": math.exp(final), "test_ppl": math.exp(final)}))
+        return run_dir
+
+    runs = {"slow": [run("slow", 1, [(0, 9.0), (500, 6.0), (1000, 5.0)]),
+                     run("slow", 2, [(0, 9.0), (500, 6.0), (1000, 4.0)])],
+            "fast": [run("fast", 1, [(0, 9.0), (500, 4.0), (1000, 3.0)]),
+                     run("fast", 2, [(0, 9.0), (500, 5.0), (1000, 3.0)])],
+            "stuck": [run("stuck", 1, [(0, 9.0), (500, 8.0), (1000, 7.0)])]}
+    write_results(tmp_path, runs, target="slow")
+    table = (tmp_path / "results.md").read_text()
+    section = table[table.index("Steps to reach slow's final validation loss"):]
+    assert "evaluations every 500 steps" in section
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "optimizer" not in line]
+    # fast reaches seed 1's target 5.0 at 400 (9 → 4 over steps 0-500) and seed 2's 4.0 at 750 (5 → 3 over 500-1000)
+    steps, speedups = [400.0, 750.0], [1000 / 400, 1000 / 750]
+    assert rows[0] == ["| fast", f"{statistics.fmean(steps):.0f} ± {statistics.stdev(steps):.0f}",
+                       f"{statistics.fmean(speedups):.2f}× ± {statistics.stdev(speedups):.2f}×",
+                       f"{statistics.fmean([40 * s for s in speedups]):.0f} ± "
+                       f"{statistics.stdev([40 * s for s in speedups]):.0f}", "2 of 2 |"]
+    assert rows[1][0] == "| slow" and rows[1][-1] == "2 of 2 |"
+    assert rows[2] == ["| stuck", "not reached", "-", "-", "0 of 1 |"]
+    # tokens/s from two machines: the speed-up stays, the machine-dependent effective throughput goes
+    moved = tmp_path / "fast-seed2" / "summary.json"
+    moved.write_text(json.dumps({**json.loads(moved.read_text()), "device_name": "another CPU"}))
+    write_results(tmp_path, runs, target="slow")
+    table = (tmp_path / "results.md").read_text()
+    assert "| optimizer | steps to slow's final val loss | speed-up | reached on |" in table
+    assert "left out because these runs' tokens/s come from different or unrecorded machines" in table
 
 
 def test_compare_adds_to_a_directory_only_runs_of_the_same_experiment(

@@ -74,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     reference_help = ("also tabulate each optimizer's final val loss minus NAME's on the same seed (paired "
                       "differences, mean ± std over shared seeds; default: adamw when it was run)")
+    target_help = ("also tabulate how many steps each optimizer took to reach NAME's final val loss on the same "
+                   "seed (the paper's Figure 2 measure; default: lion-hybrid when it was run, as in the paper, "
+                   "else the --reference)")
     p = sub.add_parser("compare", help="train several optimizers x seeds and tabulate the results",
                        description="Run every optimizer x seed in its own subdirectory of --out (runs with a "
                        "summary.json are skipped, stopped ones resumed), then write results.md and "
@@ -87,6 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="default: runs/compare-<preset>")
     p.add_argument("--reference", metavar="NAME", help=reference_help)
+    p.add_argument("--target", metavar="NAME", help=target_help)
     p.add_argument("--data")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     p.add_argument("--config", metavar="FILE")
@@ -123,6 +127,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a compare output directory")
     p.add_argument("--tuned", metavar="DIR", help="also list the learning-rate grids of DIR/<name>/sweep.json")
     p.add_argument("--reference", metavar="NAME", help=reference_help)
+    p.add_argument("--target", metavar="NAME", help=target_help)
 
     p = sub.add_parser("sweeps", help="learning-rate sensitivity of every lr sweep in a directory",
                        description="Read <DIR>/<optimizer>/sweep.json (written by `sage-optim sweep --out "
@@ -331,7 +336,8 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     if args.optimizers is None:
         args.optimizers = list(ABLATIONS[args.ablation] if args.ablation else COMPARE_DEFAULT_OPTIMIZERS)
     _check_registry(args.optimizers)
-    _check_reference(args.reference, args.optimizers)
+    _check_compared("--reference", args.reference, args.optimizers)
+    _check_compared("--target", args.target, args.optimizers)
     overrides, _ = _split_overrides(extra, allow_opt=False)
     if "output.out_dir" in overrides or "seed" in overrides or "optimizer" in overrides:
         raise UsageError("compare sets optimizer, seed and output.out_dir itself; use --optimizers, --seeds, --out")
@@ -345,7 +351,7 @@ def _cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
             _run_once(args, overrides, optimizer=name, seed=seed, run_dir=out / f"{name}-seed{seed}", lr=lr,
                       label="compare", opt_kwargs=options)
     # the table covers every completed run in --out, not only this call's: it is built over several sittings
-    report.write_results(out, _completed_runs(out), args.tuned, args.reference)
+    report.write_results(out, _completed_runs(out), args.tuned, args.reference, args.target)
     return 0
 
 
@@ -389,9 +395,9 @@ def _check_same_experiment(out: Path, cfg: Any) -> None:
                                  f"another --out{hint}")
 
 
-def _check_reference(reference: Optional[str], names: Sequence[str]) -> None:
-    if reference is not None and reference not in names:
-        raise UsageError(f"--reference {reference} is not among the optimizers compared ({', '.join(names)}); "
+def _check_compared(flag: str, name: Optional[str], names: Sequence[str]) -> None:
+    if name is not None and name not in names:
+        raise UsageError(f"{flag} {name} is not among the optimizers compared ({', '.join(names)}); "
                          "pick one of them or leave it out")
 
 
@@ -402,8 +408,9 @@ def _cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     runs = _completed_runs(out)
     if not runs:
         raise UsageError(f"{out}: no completed runs (<optimizer>-seed<seed>/summary.json) to plot")
-    _check_reference(args.reference, list(runs))
-    report.write_results(out, runs, args.tuned, args.reference)
+    _check_compared("--reference", args.reference, list(runs))
+    _check_compared("--target", args.target, list(runs))
+    report.write_results(out, runs, args.tuned, args.reference, args.target)
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from ..memory import human_bytes
 
-__all__ = ["MixedRunsError", "experiment", "write_results", "option_sweeps", "fixed_options_text", "lr_sensitivity_table", "option_sweeps_table",
+__all__ = ["MixedRunsError", "experiment", "write_results", "steps_to_loss", "option_sweeps", "fixed_options_text", "lr_sensitivity_table", "option_sweeps_table",
            "plot_lr_sensitivity"]
 
 
@@ -21,15 +21,21 @@ class MixedRunsError(ValueError):
     """The runs given to one results table trained different experiments (corpus, steps, precision, ...)."""
 
 
+#: The paper's Figure 2 counts each optimizer's steps to Lion-hybrid's final perplexity.
+PAPER_STEPS_TARGET = "lion-hybrid"
+
+
 def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[str] = None,
-                   reference: Optional[str] = None) -> None:
+                   reference: Optional[str] = None, target: Optional[str] = None) -> None:
     summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
     _check_one_experiment(out, summaries)
     reference = reference or ("adamw" if "adamw" in runs else None)
+    target = target or (PAPER_STEPS_TARGET if PAPER_STEPS_TARGET in runs else reference)
     # note: with a ranking above it, the per-optimizer table needs a caption saying what it adds (timing)
     ranking = (_ranking_table(summaries, reference) + "\nEvery optimizer's step time and throughput (each seed's "
                "where the seeds ran on different machines):\n\n") if reference else ""
     table = (ranking + _results_table(summaries) + (_paired_table(summaries, reference) if reference else "")
+             + (_steps_to_target_table(runs, summaries, target) if target else "")
              + (_sweeps_table(tuned_dir, list(runs)) if tuned_dir else ""))
     (out / "results.md").write_text(table, encoding="utf-8")
     plots = [_plot_val_loss(runs, out / "val_loss.png"), _plot_ppl_vs_state(summaries, out / "ppl_vs_state.png")]
@@ -191,6 +197,71 @@ def _paired_table(summaries: dict[str, list[dict[str, Any]]], reference: str) ->
     return "\n".join(lines) + "\n"
 
 
+def steps_to_loss(curve: Sequence[tuple[int, float]], target: float) -> Optional[float]:
+    """The first step at which a validation-loss curve ``[(step, val_loss), ...]`` reaches ``target``: linear
+    between the evaluation before the crossing and the one at or below it (the exact step lies between them);
+    None if the curve never gets there."""
+    before: Optional[tuple[int, float]] = None
+    for step, loss in sorted(curve):
+        if loss <= target:
+            if before is None or not math.isfinite(before[1]) or before[1] == loss:
+                return float(step)
+            return before[0] + (step - before[0]) * (before[1] - target) / (before[1] - loss)
+        before = (step, loss)
+    return None
+
+
+def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """A run's validation loss at every evaluation, from its metrics.jsonl."""
+    from .metrics import read_metrics
+
+    return [(row["step"], row["val_loss"]) for row in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in row]
+
+
+def _steps_to_target_table(runs: dict[str, list[Path]], summaries: dict[str, list[dict[str, Any]]],
+                           target: str) -> str:
+    """Markdown: each optimizer's steps to the target optimizer's final val loss on the same seed, the paper's
+    Figure 2 measure of claim 5 (SAGE-hybrid's steps are slower, but it needs fewer of them).
+
+    The speed-up (run length / steps to the target) does not depend on the machine; the paper's "effective
+    tokens/s" (raw tokens/s × speed-up) does, so it is printed only when every run names the same machine."""
+    machines = {r.get("device_name") for rows in summaries.values() for r in rows}
+    one_machine = len(machines) == 1 and None not in machines
+    final = {r["seed"]: r["val_loss"] for r in summaries[target]}
+    rows = []
+    for name, dirs in runs.items():
+        pairs = [(d, r) for d, r in zip(dirs, summaries[name]) if r["seed"] in final]
+        if not pairs:
+            continue
+        crossings = [(steps_to_loss(_val_curve(d), final[r["seed"]]), r) for d, r in pairs]
+        reached = [(max(step, 1.0), r) for step, r in crossings if step is not None]
+        speedups = [r["steps"] / step for step, r in reached]
+        cells = ["not reached", "-"]
+        if reached:
+            cells = [_mean_std([step for step, _ in reached], 0), _mean_std(speedups, 2, unit="×")]
+        if one_machine:
+            cells.append(_mean_std([r["tokens_per_s"] * r["steps"] / step for step, r in reached], 0)
+                         if reached else "-")
+        rows.append((-statistics.fmean(speedups) if speedups else math.inf,
+                     f"| {name} | {' | '.join(cells)} | {len(reached)} of {len(pairs)} |"))
+    curves = [_val_curve(d) for d in runs[target]]
+    spacing = sorted({later[0] - earlier[0] for curve in curves for earlier, later in zip(curve, curve[1:])})
+    effective = ("; effective tokens/s: the run's tokens/s × its speed-up (the paper's \"effective throughput\")"
+                 if one_machine else "; the paper's effective tokens/s (tokens/s × speed-up) is left out because "
+                 "these runs' tokens/s come from different or unrecorded machines")
+    lines = [f"\nSteps to reach {target}'s final validation loss on the same seed (the paper's Figure 2 counts steps "
+             f"to lion-hybrid's): the first evaluation at or below it, interpolated linearly from the one before "
+             f"(evaluations every {' or '.join(str(s) for s in spacing) or '?'} steps); speed-up: the run's length "
+             f"over those steps{effective}. Each run follows its own warmup and cosine over its whole length, so "
+             f"an early crossing happened at a higher lr than a run stopped there would have had. Mean ± sample "
+             f"std over the seeds that got there:\n",
+             f"| optimizer | steps to {target}'s final val loss | speed-up |"
+             + (" effective tokens/s |" if one_machine else "") + " reached on |",
+             "|---|---|---|" + ("---|" if one_machine else "") + "---|"]
+    lines += [row for _, row in sorted(rows, key=lambda item: item[0])]
+    return "\n".join(lines) + "\n"
+
+
 def _devices_line(summaries: dict[str, list[dict[str, Any]]]) -> str:
     """Which machine ran which runs: s/step and tokens/s compare only between runs of one machine."""
     by_device: dict[str, list[str]] = {}
@@ -204,15 +275,12 @@ def _devices_line(summaries: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def _plot_val_loss(runs: dict[str, list[Path]], path: Path) -> Path:
-    from .metrics import read_metrics
-
     with _figure(path, xlabel="step", ylabel="validation loss (mean over seeds; band: min-max)") as ax:
         for name, dirs in runs.items():
             by_step: dict[int, list[float]] = {}
             for d in dirs:
-                for row in read_metrics(d / "metrics.jsonl"):
-                    if "val_loss" in row:
-                        by_step.setdefault(row["step"], []).append(row["val_loss"])
+                for step, loss in _val_curve(d):
+                    by_step.setdefault(step, []).append(loss)
             steps = sorted(by_step)
             line, = ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker=".", label=name)
             if len(dirs) > 1:  # the band spans the seeds' lowest and highest loss at each evaluation
