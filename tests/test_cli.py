@@ -330,6 +330,8 @@ def test_the_steps_to_target_table_counts_each_seed_against_the_targets_final_lo
     table = (tmp_path / "results.md").read_text()
     assert "| optimizer | steps to slow's final val loss | speed-up | reached on |" in table
     assert "left out because these runs' tokens/s come from different or unrecorded machines" in table
+    with pytest.raises(ValueError, match="target 'lion' has no runs here .optimizers: slow, fast, stuck."):
+        write_results(tmp_path, runs, target="lion")
 
 
 def test_compare_adds_to_a_directory_only_runs_of_the_same_experiment(

@@ -29,6 +29,9 @@ def write_results(out: Path, runs: dict[str, list[Path]], tuned_dir: Optional[st
                    reference: Optional[str] = None, target: Optional[str] = None) -> None:
     summaries = {name: [_summary_with_options(d) for d in dirs] for name, dirs in runs.items()}
     _check_one_experiment(out, summaries)
+    for role, name in (("reference", reference), ("target", target)):
+        if name is not None and name not in runs:
+            raise ValueError(f"{role} {name!r} has no runs here (optimizers: {', '.join(runs)}); pick one of them")
     reference = reference or ("adamw" if "adamw" in runs else None)
     target = target or (PAPER_STEPS_TARGET if PAPER_STEPS_TARGET in runs else reference)
     # note: with a ranking above it, the per-optimizer table needs a caption saying what it adds (timing)
